@@ -1,0 +1,1 @@
+"""Tabular stochastic MDPs: exact KL-regularized solver (Proposition 1)."""
