@@ -1,0 +1,39 @@
+"""The `pa-jax` command line: one subcommand per application.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+modules are imported only when their subcommand runs, so `pa-jax --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("pa_jax.demo", "Proposition 1 and the three applications on the shipped toy LLM pair"),
+    "score": ("pa_jax.commands.score", "per-step and per-trajectory scores as JSON lines"),
+    "uq": ("pa_jax.commands.uq", "uncertainty quantification: AUROC/Spearman/calibration of trajectory scores"),
+    "bon": ("pa_jax.commands.bon", "best-of-N selection by trajectory score"),
+    "fa": ("pa_jax.commands.fa", "failure attribution: which step was the decisive error"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="pa-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(_module=module)
+        if name in argv[:1]:
+            importlib.import_module(module).add_arguments(sp)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Flax NNX decoders for Hugging Face / GGUF checkpoints (hidden states only; logits live in pa_jax.head).
+
+Public API::
+
+    config, model = pa_jax.models.load(path, dtype="bfloat16", mesh=None)
+    hidden = model(input_ids, attention_mask)                  # [B, T, D] after the final norm
+    logp = pa_jax.models.token_logprobs(config, model, input_ids, attention_mask)   # [B, T-1]
+    model = pa_jax.models.Decoder(config, rngs=nnx.Rngs(0), dtype="float32")       # random init
+    pa_jax.models.save_pretrained(config, model, path)         # transformers-loadable directory
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pa_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeConfig
+from pa_jax.models.decoder import Decoder, KVCache, concat_kv
+from pa_jax.models.load import load, load_from_tensors, open_safetensors_dir, save_pretrained
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "Decoder",
+    "KVCache",
+    "ModelConfig",
+    "RopeConfig",
+    "concat_kv",
+    "forward",
+    "load",
+    "load_from_tensors",
+    "open_safetensors_dir",
+    "save_pretrained",
+    "token_logprobs",
+]
+
+
+@nnx.jit
+def forward(model: Decoder, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Jitted ``model(input_ids, attention_mask)`` -> final hidden states [B, T, D]."""
+    return model(input_ids, attention_mask)
+
+
+@functools.partial(nnx.jit, static_argnames=("softcap",))
+def _token_logprobs(model: Decoder, input_ids: jax.Array, attention_mask: jax.Array, softcap):
+    from pa_jax.head import head_statistics
+
+    hidden = model(input_ids, attention_mask)
+    stats = head_statistics(hidden[:, :-1], model.unembedding(), input_ids[:, 1:], softcap=softcap, top_k=0)
+    return stats.target_logprob
+
+
+def _check_batch(input_ids, attention_mask, vocab_size: int | None = None):
+    ids = np.asarray(input_ids) if not isinstance(input_ids, jax.Array) else input_ids
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must have shape [B, T], got {tuple(ids.shape)}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")
+    if attention_mask is None:
+        mask = np.ones(ids.shape, np.int32)
+    else:
+        mask = np.asarray(attention_mask) if not isinstance(attention_mask, jax.Array) else attention_mask
+        if tuple(mask.shape) != tuple(ids.shape):
+            raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}")
+    return ids, mask
+
+
+def token_logprobs(config: ModelConfig, model: Decoder, input_ids, attention_mask=None) -> jax.Array:
+    """log p(x_{t+1} | x_{<=t}) for t = 0..T-2: [B, T-1] float32, through the fused head.
+
+    Logits = softcap(hidden @ unembedding^T) with config.final_logit_softcap; never a [B, T, V] array.
+    Entries whose target (or context) is padding hold meaningless values: mask them with
+    attention_mask[:, 1:]. Padding positions of input_ids may hold any id (they are replaced by 0).
+    """
+    ids, mask = _check_batch(input_ids, attention_mask)
+    if ids.shape[1] < 2:
+        raise ValueError(f"input_ids needs at least 2 tokens per row, got T={ids.shape[1]}")
+    ids = jnp.where(jnp.asarray(mask).astype(bool), jnp.asarray(ids), 0).astype(jnp.int32)
+    if isinstance(input_ids, np.ndarray) and ((input_ids < 0) | (input_ids >= config.vocab_size))[np.asarray(mask).astype(bool)].any():
+        raise ValueError(f"input_ids hold ids outside [0, {config.vocab_size}) at unmasked positions")
+    return _token_logprobs(model, ids, jnp.asarray(mask, jnp.int32), config.final_logit_softcap)

@@ -1,0 +1,335 @@
+"""One Flax NNX decoder for every supported family (flags in :class:`ModelConfig`, not a copy per family).
+
+Parameters are stored in Hugging Face layout and naming (``weight`` [out, in], ``bias`` [out]) so that a
+checkpoint tensor and the parameter it fills have the same shape and a device's slice of one is the same
+slice of the other (the sharded loader reads each device's slice straight from the file).
+
+Forward contract::
+
+    hidden = model(input_ids [B, T], attention_mask [B, T] | None, *, positions=None, segment_ids=None)
+    hidden, cache = model(..., return_kv=True)            # cache: KVCache of this call's tokens
+    hidden = model(suffix_ids, suffix_mask, kv_prefix=cache)   # reuse a shared prefix's keys/values
+
+``hidden`` is the final-norm hidden state [B, T, D]; logits = hidden @ model.unembedding().T (then the
+final soft-cap) are built by the fused head, never here.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pa_jax.models import layers as L
+from pa_jax.models.config import ModelConfig, RopeConfig
+
+Array = jax.Array
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys/values of a (shared) prefix, as a forward with ``return_kv=True`` returns them.
+
+    keys[i], values[i]: [Bp, P, K, head_dim] for layer i (keys after q/k norm and RoPE);
+    positions: [Bp, P] int32 RoPE positions; valid: [Bp, P] bool (False = padding).
+    Bp is 1 (broadcast over any suffix batch) or the suffix batch size.
+    """
+
+    keys: tuple[Array, ...]
+    values: tuple[Array, ...]
+    positions: Array
+    valid: Array
+
+    def broadcast_to(self, batch: int) -> "KVCache":
+        """The same prefix repeated for ``batch`` rows (a [1, P] prefix -> [batch, P])."""
+        bc = lambda a: jnp.broadcast_to(a, (batch,) + a.shape[1:])  # noqa: E731
+        return KVCache(tuple(map(bc, self.keys)), tuple(map(bc, self.values)), bc(self.positions), bc(self.valid))
+
+
+def _dtype(dtype) -> jnp.dtype:
+    return jnp.dtype(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _rope_tables(rope: RopeConfig, head_dim: int) -> tuple[np.ndarray, float]:
+    return L.rope_inv_freq(rope, head_dim)
+
+
+# ---------------------------------------------------------------------------------------------- modules
+class Linear(nnx.Module):
+    """y = x W^T + b, W [out, in] (Hugging Face layout)."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs, std: float):
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (out_features, in_features), dtype) * std)
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+
+    def __call__(self, x: Array) -> Array:
+        return L.linear(x, self.weight[...], None if self.bias is None else self.bias[...])
+
+
+class Embedding(nnx.Module):
+    """Token embedding table [V, D]."""
+
+    def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs, std: float):
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (vocab, dim), dtype) * std)
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.weight[...], ids, axis=0)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with the family's variant (see :func:`pa_jax.models.layers.rms_norm`)."""
+
+    def __init__(self, dim: int, config: ModelConfig, *, dtype):
+        init = jnp.zeros if config.norm_offset else jnp.ones
+        self.weight = nnx.Param(init((dim,), dtype))
+        self.eps = config.rms_norm_eps
+        self.offset = config.norm_offset
+        self.weight_f32 = config.norm_weight_f32
+
+    def __call__(self, x: Array) -> Array:
+        return L.rms_norm(x, self.weight[...], self.eps, offset=self.offset, weight_f32=self.weight_f32)
+
+
+class MLP(nnx.Module):
+    """Gated MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, std: float):
+        d, f, b = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = Linear(d, f, bias=b, dtype=dtype, rngs=rngs, std=std)
+        self.up_proj = Linear(d, f, bias=b, dtype=dtype, rngs=rngs, std=std)
+        self.down_proj = Linear(f, d, bias=b, dtype=dtype, rngs=rngs, std=std)
+        self.activation = config.activation
+
+    def __call__(self, x: Array) -> Array:
+        return self.down_proj(L.activation(self.gate_proj(x), self.activation) * self.up_proj(x))
+
+
+class LayerContext(NamedTuple):
+    """What a layer needs besides its input: RoPE tables and mask of its layer type, an optional prefix."""
+
+    cos: Array
+    sin: Array
+    mask: Array  # [B, 1, T, P + T] bool
+    prefix_k: Array | None
+    prefix_v: Array | None
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query self-attention with the family's q/k norm, biases, RoPE and soft-cap."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype, rngs: nnx.Rngs, std: float):
+        c = config
+        self.config = c
+        self.layer_type = c.layer_types[layer_idx]
+        d, n, k, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = Linear(d, n * hd, bias=c.qkv_bias, dtype=dtype, rngs=rngs, std=std)
+        self.k_proj = Linear(d, k * hd, bias=c.qkv_bias, dtype=dtype, rngs=rngs, std=std)
+        self.v_proj = Linear(d, k * hd, bias=c.qkv_bias, dtype=dtype, rngs=rngs, std=std)
+        self.o_proj = Linear(n * hd, d, bias=c.o_bias, dtype=dtype, rngs=rngs, std=std)
+        if c.qk_norm == "head":
+            self.q_norm = RMSNorm(hd, c, dtype=dtype)
+            self.k_norm = RMSNorm(hd, c, dtype=dtype)
+        elif c.qk_norm == "proj":
+            self.q_norm = RMSNorm(n * hd, c, dtype=dtype)
+            self.k_norm = RMSNorm(k * hd, c, dtype=dtype)
+        elif c.qk_norm == "none":
+            self.q_norm = None
+            self.k_norm = None
+        else:
+            raise ValueError(f"unknown qk_norm {c.qk_norm!r}")
+
+    def __call__(self, x: Array, ctx: LayerContext) -> tuple[Array, tuple[Array, Array]]:
+        c = self.config
+        b, t, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if c.qk_norm == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(b, t, c.num_heads, c.head_dim)
+        k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        if c.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = L.apply_rope(q, ctx.cos, ctx.sin, f32=c.rope_f32)
+        k = L.apply_rope(k, ctx.cos, ctx.sin, f32=c.rope_f32)
+        new_kv = (k, v)
+        if ctx.prefix_k is not None:
+            k = jnp.concatenate([ctx.prefix_k.astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([ctx.prefix_v.astype(v.dtype), v], axis=1)
+        out = L.attention(q, k, v, ctx.mask, scale=c.attention_scale, softcap=c.attn_logit_softcap)
+        return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), new_kv
+
+
+class DecoderLayer(nnx.Module):
+    """One block. norm_placement: pre (llama/qwen), post (olmo), sandwich (gemma)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype, rngs: nnx.Rngs, std: float):
+        c = config
+        self.placement = c.norm_placement
+        self.self_attn = Attention(c, layer_idx, dtype=dtype, rngs=rngs, std=std)
+        self.mlp = MLP(c, dtype=dtype, rngs=rngs, std=std)
+        d = c.hidden_size
+        self.input_layernorm = RMSNorm(d, c, dtype=dtype) if c.norm_placement in ("pre", "sandwich") else None
+        self.post_attention_layernorm = RMSNorm(d, c, dtype=dtype)
+        if c.norm_placement == "sandwich":
+            self.pre_feedforward_layernorm = RMSNorm(d, c, dtype=dtype)
+        else:
+            self.pre_feedforward_layernorm = None
+        if c.norm_placement in ("post", "sandwich"):
+            self.post_feedforward_layernorm = RMSNorm(d, c, dtype=dtype)
+        else:
+            self.post_feedforward_layernorm = None
+
+    def __call__(self, x: Array, ctx: LayerContext) -> tuple[Array, tuple[Array, Array]]:
+        if self.placement == "pre":
+            # llama: post_attention_layernorm is the norm *before* the MLP.
+            h, kv = self.self_attn(self.input_layernorm(x), ctx)
+            x = x + h
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        elif self.placement == "post":
+            h, kv = self.self_attn(x, ctx)
+            x = x + self.post_attention_layernorm(h)
+            x = x + self.post_feedforward_layernorm(self.mlp(x))
+        else:  # sandwich
+            h, kv = self.self_attn(self.input_layernorm(x), ctx)
+            x = x + self.post_attention_layernorm(h)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x, kv
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """Positions restarting at 0 at each change of segment id along a row: pos_t = t - start(segment of t)."""
+    b, t = segment_ids.shape
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    new = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start = jax.lax.cummax(jnp.where(new, idx, 0), axis=1)
+    return idx - start
+
+
+class Decoder(nnx.Module):
+    """The decoder-only LM body: embeddings -> layers -> final norm (+ lm_head weight when untied).
+
+    ``Decoder(config, rngs=nnx.Rngs(0), dtype="float32")`` builds a randomly initialized model (normal with
+    the config's initializer_range; norms at identity) trainable with nnx/optax; :func:`pa_jax.models.load`
+    builds one whose every parameter comes from a checkpoint.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype="float32"):
+        self.config = config
+        dt = _dtype(dtype)
+        self.dtype = dt.name
+        std = float(config.hf_config.get("initializer_range", 0.02) or 0.02)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dt, rngs=rngs, std=std)
+        self.layers = nnx.List(
+            [DecoderLayer(config, i, dtype=dt, rngs=rngs, std=std) for i in range(config.num_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config, dtype=dt)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dt, rngs=rngs, std=std)
+
+    def unembedding(self) -> Array:
+        """[V, D]: lm_head.weight, or the embedding table when tied (HF lm_head layout)."""
+        return self.embed_tokens.weight[...] if self.lm_head is None else self.lm_head.weight[...]
+
+    def embed(self, input_ids: Array) -> Array:
+        """Token embeddings; gemma multiplies by sqrt(D) cast to the parameter dtype (as transformers)."""
+        x = self.embed_tokens(input_ids)
+        if self.config.embed_scale:
+            x = x * jnp.asarray(np.float32(self.config.hidden_size**0.5), dtype=x.dtype)
+        return x
+
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        *,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+        kv_prefix: KVCache | None = None,
+        return_kv: bool = False,
+    ):
+        """Final-norm hidden states [B, T, D] (and the KVCache of these tokens when ``return_kv``).
+
+        attention_mask: 1 = token, 0 = padding (left or right). positions default to cumsum(mask) - 1
+        (plus the prefix's valid length with ``kv_prefix``), or restart per segment with ``segment_ids``
+        (packed rows: tokens attend only within their segment). ``kv_prefix``: a KVCache of a prefix computed
+        earlier (batch 1 is broadcast); the suffix attends to all valid prefix tokens, then causally to itself.
+        """
+        c = self.config
+        input_ids = jnp.asarray(input_ids)
+        b, t = input_ids.shape
+        valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        if kv_prefix is not None:
+            if segment_ids is not None:
+                raise ValueError("segment_ids cannot be combined with kv_prefix")
+            if len(kv_prefix.keys) != c.num_layers:
+                raise ValueError(f"kv_prefix has {len(kv_prefix.keys)} layers, model has {c.num_layers}")
+            if kv_prefix.valid.shape[0] not in (1, b):
+                raise ValueError(f"kv_prefix batch {kv_prefix.valid.shape[0]} must be 1 or {b}")
+            kv_prefix = kv_prefix.broadcast_to(b)
+            p = kv_prefix.valid.shape[1]
+            prefix_valid = kv_prefix.valid.astype(bool)
+            prefix_pos = kv_prefix.positions.astype(jnp.int32)
+            offset = jnp.sum(prefix_valid, axis=1, dtype=jnp.int32)[:, None]
+        else:
+            p = 0
+            prefix_valid = jnp.zeros((b, 0), bool)
+            prefix_pos = jnp.zeros((b, 0), jnp.int32)
+            offset = jnp.zeros((b, 1), jnp.int32)
+        if positions is None:
+            if segment_ids is not None:
+                positions = segment_positions(jnp.asarray(segment_ids))
+            else:
+                positions = jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0) + offset
+        positions = jnp.asarray(positions, jnp.int32)
+        seg = None if segment_ids is None else jnp.asarray(segment_ids)
+
+        q_index = p + jnp.arange(t, dtype=jnp.int32)
+        kv_index = jnp.arange(p + t, dtype=jnp.int32)
+        kv_valid = jnp.concatenate([prefix_valid, valid], axis=1)
+        kv_pos = jnp.concatenate([prefix_pos, positions], axis=1)
+        masks, tables = {}, {}
+        for lt in sorted(set(c.layer_types)):
+            masks[lt] = L.attention_mask(
+                q_index, kv_index, kv_valid, q_positions=positions, kv_positions=kv_pos,
+                q_segments=seg, kv_segments=seg, window=c.window_for(lt),
+            )
+            inv, scaling = _rope_tables(c.rope_for(lt), c.head_dim)
+            tables[lt] = L.rope_cos_sin(positions, jnp.asarray(inv), scaling)
+
+        x = self.embed(input_ids)
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            lt = c.layer_types[i]
+            cos, sin = tables[lt]
+            ctx = LayerContext(
+                cos, sin, masks[lt],
+                None if kv_prefix is None else kv_prefix.keys[i],
+                None if kv_prefix is None else kv_prefix.values[i],
+            )
+            x, (k, v) = layer(x, ctx)
+            if return_kv:
+                keys.append(k)
+                values.append(v)
+        x = self.norm(x)
+        if return_kv:
+            return x, KVCache(tuple(keys), tuple(values), positions, valid)
+        return x
+
+
+def concat_kv(prefix: KVCache, suffix: KVCache) -> KVCache:
+    """The cache of prefix followed by suffix (e.g. to extend a shared prefix by a second shared part)."""
+    b = max(prefix.valid.shape[0], suffix.valid.shape[0])
+    pre, suf = prefix.broadcast_to(b), suffix.broadcast_to(b)
+    cat = lambda a, s: jnp.concatenate([a, s], axis=1)  # noqa: E731
+    return KVCache(
+        tuple(map(cat, pre.keys, suf.keys)),
+        tuple(map(cat, pre.values, suf.values)),
+        cat(pre.positions, suf.positions),
+        cat(pre.valid, suf.valid),
+    )

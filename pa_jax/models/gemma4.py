@@ -1,0 +1,138 @@
+"""Gemma 4 (text tower) pieces that no other family has, as pure functions.
+
+Follows transformers 5.23 ``models/gemma4/modeling_gemma4.py`` (``Gemma4TextModel``):
+
+* **Proportional RoPE** (global layers): inv_freq has head_dim / 2 entries; the first
+  ``int(p * head_dim // 2)`` are theta^(-2i / head_dim) (note: exponent over the *whole* head_dim),
+  the rest 0 (those feature pairs are not rotated); rotate-half runs over the whole head_dim.
+* **KV sharing**: the last ``num_kv_shared_layers`` layers compute no K/V; each reuses the
+  (normed, rotated) K/V of the last earlier non-shared layer of the same layer type.
+* **Per-layer embeddings (PLE)**: a ``[vocab_per_layer, L * P]`` table looked up by token id
+  (scaled by sqrt(P)), plus a projection of the main embeddings (scaled by D^-1/2, RMS-normed per
+  layer slice), summed and scaled by 2^-1/2; layer l gets slice l [B, T, P] and adds, after its MLP,
+  ``norm(W_proj (act(W_gate h) * ple_l))`` to the residual stream.
+
+The per-layer table is the largest tensor of E4B (262144 x 10752 = 2.82e9 parameters, 5.6 GB in
+bf16) and is only ever gathered from: pa-jax shards it along the vocabulary axis over the mesh (see
+``sharding``), so each device holds 1/n of it and the lookup is a sharded gather (each device
+gathers the rows it owns, the partial results are summed), never a whole copy per device.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def proportional_inv_freq(theta: float, head_dim: int, partial_rotary_factor: float,
+                          factor: float = 1.0) -> np.ndarray:
+    """transformers' ``_compute_proportional_rope_parameters``: [head_dim // 2] float32 inverse frequencies.
+
+    inv_i = theta^(-2i / head_dim) / factor for i < int(p * head_dim // 2), and 0 for the remaining pairs.
+    """
+    rope_angles = int(partial_rotary_factor * head_dim // 2)
+    exps = np.arange(0, 2 * rope_angles, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv = (np.float32(1.0) / (np.float32(theta) ** exps)).astype(np.float32)
+    nope = head_dim // 2 - rope_angles
+    if nope > 0:
+        inv = np.concatenate([inv, np.zeros(nope, np.float32)])
+    return (inv / np.float32(factor)).astype(np.float32)
+
+
+def kv_sharing_sources(layer_types: tuple[str, ...], num_kv_shared_layers: int) -> tuple[int | None, ...]:
+    """For each layer, the index of the earlier layer whose K/V it reuses (None: computes its own).
+
+    Layers >= L - num_kv_shared_layers are consumers; each reuses the last non-consumer layer of the
+    same type (transformers' ``kv_sharing_modes``: "store" producers, "reuse" consumers).
+    """
+    n = len(layer_types)
+    if num_kv_shared_layers <= 0:
+        return (None,) * n
+    first = n - num_kv_shared_layers
+    if first <= 0:
+        raise ValueError(f"config.json: num_kv_shared_layers={num_kv_shared_layers} leaves no layer computing K/V "
+                         f"(num_hidden_layers={n})")
+    last_of_type: dict[str, int] = {}
+    for i in range(first):
+        last_of_type[layer_types[i]] = i
+    out: list[int | None] = [None] * first
+    for i in range(first, n):
+        if layer_types[i] not in last_of_type:
+            raise ValueError(
+                f"config.json: KV-shared layer {i} has type {layer_types[i]!r} but no earlier non-shared layer of "
+                "that type produces K/V (transformers: 'The set of layer types producing a cache is different "
+                "than the set of layer types using them')")
+        out.append(last_of_type[layer_types[i]])
+    return tuple(out)
+
+
+def rms_norm_plain(x: Array, weight: Array | None, eps: float) -> Array:
+    """``Gemma4RMSNorm``: y = (x / sqrt(mean(x^2) + eps)) [* w] in float32, cast back to x.dtype.
+
+    Plain w (not 1 + w); ``weight=None`` is the scale-free norm (the V norm).
+    """
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if weight is not None:
+        y = y * weight.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _scale(x: Array, s: float) -> Array:
+    """x * s with s in float32 and the product rounded to x.dtype (torch: tensor * python float)."""
+    return (x.astype(jnp.float32) * jnp.float32(s)).astype(x.dtype)
+
+
+def embed_scale(hidden: int, dtype) -> Array:
+    """sqrt(hidden) cast to the parameter dtype, as ``Gemma4TextScaledWordEmbedding`` multiplies it."""
+    return jnp.asarray(np.float32(hidden) ** np.float32(0.5), jnp.float32).astype(dtype)
+
+
+def per_layer_inputs(
+    input_ids: Array,
+    inputs_embeds: Array,
+    table: Array,
+    model_projection: Array,
+    projection_norm: Array,
+    *,
+    num_layers: int,
+    per_layer_dim: int,
+    eps: float,
+) -> Array:
+    """Per-layer inputs [B, T, L, P] of Gemma 4 (``get_per_layer_inputs`` + ``project_per_layer_inputs``).
+
+    tok  = table[ids] * cast(sqrt(P))                                  reshaped to [B, T, L, P]
+    ctx  = RMSNorm_w((inputs_embeds W_m^T) * D^-1/2)                    reshaped to [B, T, L, P]
+    out  = (ctx + tok) * 2^-1/2
+    table [V_pl, L * P]; model_projection [L * P, D]; projection_norm [P]; inputs_embeds already scaled.
+    """
+    b, t = input_ids.shape
+    dtype = inputs_embeds.dtype
+    tok = jnp.take(table, input_ids, axis=0).astype(dtype) * embed_scale(per_layer_dim, dtype)
+    tok = tok.reshape(b, t, num_layers, per_layer_dim)
+    ctx = jnp.einsum("btd,od->bto", inputs_embeds, model_projection.astype(dtype))
+    ctx = _scale(ctx, float(inputs_embeds.shape[-1]) ** -0.5).reshape(b, t, num_layers, per_layer_dim)
+    ctx = rms_norm_plain(ctx, projection_norm, eps)
+    return _scale(ctx + tok, 2.0 ** -0.5)
+
+
+def per_layer_residual(
+    hidden: Array,
+    per_layer_input: Array,
+    gate: Array,
+    projection: Array,
+    post_norm: Array,
+    *,
+    act,
+    eps: float,
+) -> Array:
+    """h + RMSNorm_w(W_proj (act(W_gate h) * ple_l)) (the PLE branch after a Gemma 4 layer's MLP).
+
+    hidden [B, T, D]; per_layer_input [B, T, P]; gate [P, D]; projection [D, P]; post_norm [D].
+    """
+    x = act(jnp.einsum("btd,pd->btp", hidden, gate.astype(hidden.dtype)))
+    x = x * per_layer_input.astype(hidden.dtype)
+    x = jnp.einsum("btp,dp->btd", x, projection.astype(hidden.dtype))
+    return hidden + rms_norm_plain(x, post_norm, eps)

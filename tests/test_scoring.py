@@ -1,0 +1,154 @@
+"""The scoring engine against a transformers + PyTorch oracle on tiny random llama checkpoints."""
+import numpy as np
+import pytest
+import torch
+
+from pa_jax.data import Message, ToolCall, Trajectory, render
+from pa_jax.scoring import ScoringOptions, check_tokenizers, score_rendered
+from test_render import tiny_tokenizer
+
+CORPUS = ("[system]: You are an airline agent. Follow the policy. [user]: book a flight please "
+          "[assistant]: tool_call(search, {'from': 'NYC'}) [tool]: no flights found, sorry",)
+
+
+def save_tiny_llama(path, vocab_size, seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer(CORPUS)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from pa_jax.models.load import load
+
+    d = tmp_path_factory.mktemp("pair")
+    tp = save_tiny_llama(d / "policy", 320, 0)
+    tr = save_tiny_llama(d / "reference", 384, 1)  # same tokenizer, a padded (larger) embedding
+    tr2 = save_tiny_llama(d / "reference320", 320, 2)
+    return {
+        "torch": (tp, tr, tr2),
+        "policy": load(d / "policy", dtype="float32"),
+        "reference": load(d / "reference", dtype="float32"),
+        "reference320": load(d / "reference320", dtype="float32"),
+    }
+
+
+def _trajs(n, shared_system):
+    rng = np.random.default_rng(0)
+    words = CORPUS[0].split()
+    out = []
+    for i in range(n):
+        sys = " ".join(words * 3) if shared_system else " ".join(rng.choice(words, 5 + 7 * i))
+        msgs = [Message("system", sys), Message("user", " ".join(rng.choice(words, 3 + i)))]
+        for j in range(1 + i % 3):
+            msgs.append(Message("assistant", " ".join(rng.choice(words, 2 + 3 * j + i)),
+                                (ToolCall("f", {"x": j}),) if j % 2 else ()))
+            msgs.append(Message("tool", " ".join(rng.choice(words, 4))))
+        out.append(Trajectory(f"t{i}", f"task{i % 2}", tuple(msgs), tuple(m.role == "assistant" for m in msgs),
+                              reward=float(i % 2), format="tau2"))
+    return out
+
+
+def _oracle(model, r):
+    """Per scored-token statistics from the full-vocabulary log-softmax of a PyTorch forward (batch 1)."""
+    with torch.no_grad():
+        logits = model(torch.tensor(r.input_ids[None], dtype=torch.long)).logits[0].double()
+    lp = torch.log_softmax(logits, -1).numpy()
+    q = np.flatnonzero(r.step_ids >= 0)
+    q = q[q >= 1]
+    rows = lp[q - 1]
+    return {
+        "logprob": rows[np.arange(len(q)), r.input_ids[q]],
+        "entropy": -(np.exp(rows) * rows).sum(-1),
+        "mean": rows.mean(-1),
+        "topk": -np.sort(-rows, axis=-1)[:, :5],
+        "rows": rows,
+        "steps": r.step_ids[q],
+    }
+
+
+@pytest.mark.parametrize("shared_system", [True, False])
+def test_engine_matches_torch(pair, tok, shared_system):
+    rendered = [render(t, tok) for t in _trajs(6, shared_system)]
+    opts = ScoringOptions(top_k=5, max_batch_tokens=256, min_prefix=16)
+    res = score_rendered(rendered, pair["policy"], pair["reference320"], options=opts, pad_id=2)
+    if shared_system:
+        assert res.plan.prefix_length >= 16
+    else:
+        assert res.plan.prefix_length == 0 and any(len(row) > 1 for b in res.plan.batches for row in b.rows)
+    assert len(res.plan.batches) > 1
+    tp, _, tr2 = pair["torch"]
+    for r, s in zip(rendered, res.stats):
+        o, orf = _oracle(tp, r), _oracle(tr2, r)
+        np.testing.assert_array_equal(s.step_ids, o["steps"])
+        np.testing.assert_allclose(s.policy_logprob, o["logprob"], atol=2e-4)
+        np.testing.assert_allclose(s.policy_entropy, o["entropy"], atol=2e-4)
+        np.testing.assert_allclose(s.policy_mean_logprob, o["mean"], atol=2e-4)
+        np.testing.assert_allclose(s.policy_topk, o["topk"], atol=2e-4)
+        np.testing.assert_allclose(s.reference_logprob, orf["logprob"], atol=2e-4)
+        kl = (np.exp(o["rows"]) * (o["rows"] - orf["rows"])).sum(-1)
+        np.testing.assert_allclose(s.kl, kl, atol=2e-4)
+
+
+def test_different_embedding_sizes_same_tokenizer(pair, tok):
+    rendered = [render(t, tok) for t in _trajs(3, False)]
+    res = score_rendered(rendered, pair["policy"], pair["reference"], options=ScoringOptions(top_k=5), pad_id=2)
+    _, tr, _ = pair["torch"]
+    for r, s in zip(rendered, res.stats):
+        o = _oracle(tr, r)  # log-softmax over the reference's own 384 rows
+        np.testing.assert_allclose(s.reference_logprob, o["logprob"], atol=2e-4)
+        assert np.all(np.isnan(s.kl))
+
+
+def test_interrupted_run_resumes_identically(pair, tok, tmp_path):
+    rendered = [render(t, tok) for t in _trajs(6, False)]
+    opts = ScoringOptions(top_k=5, max_batch_tokens=128, pack=False)
+    full = score_rendered(rendered, pair["policy"], pair["reference320"], options=opts, pad_id=2)
+    assert len(full.plan.batches) >= 4
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def interrupt(batch, tokens):
+        seen.append(batch.index)
+        if len(seen) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        score_rendered(rendered, pair["policy"], pair["reference320"], options=opts, pad_id=2,
+                       cache_dir=tmp_path, progress=interrupt)
+    res = score_rendered(rendered, pair["policy"], pair["reference320"], options=opts, pad_id=2, cache_dir=tmp_path)
+    assert res.batches_from_cache == 2 and res.batches_computed == len(full.plan.batches) - 2
+    for a, b in zip(full.stats, res.stats):
+        for f in ("step_ids", "policy_logprob", "policy_entropy", "policy_topk", "reference_logprob", "kl"):
+            np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    again = score_rendered(rendered, pair["policy"], pair["reference320"], options=opts, pad_id=2, cache_dir=tmp_path)
+    assert again.batches_computed == 0
+
+
+def test_tokenizer_mismatch_refused(tok):
+    other = tiny_tokenizer(("completely different words here",))
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        check_tokenizers(tok, other)
+    check_tokenizers(tok, tiny_tokenizer(CORPUS))
+
+
+def test_token_outside_vocab_refused(pair, tok):
+    r = render(_trajs(1, False)[0], tok)
+    bad = type(r)(r.trajectory_id, r.input_ids.copy(), r.step_ids, r.num_steps, r.truncation)
+    bad.input_ids[3] = 999
+    with pytest.raises(ValueError, match="outside the model vocabulary"):
+        score_rendered([bad], pair["policy"], None)
