@@ -20,3 +20,13 @@ from pa_jax.advantage import (  # noqa: E402  (re-exports: progress advantage)
     step_values,
     trajectory_scores,
 )
+from pa_jax.baselines import (  # noqa: E402  (re-exports: confidence baselines)
+    all_baseline_scores,
+    authors_deepconf_scores,
+    deepconf_scores,
+    negative_entropy_scores,
+    policy_logprob_scores,
+    reference_logprob_scores,
+    self_certainty_scores,
+    topk_mean_logprob_scores,
+)

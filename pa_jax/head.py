@@ -35,7 +35,8 @@ float32 accumulation).
 Statistics only at selected positions: every function accepts any leading shape (``[B, T, D]``
 with targets ``[B, T]``, or gathered rows ``[N, D]`` with targets ``[N]``), and
 :func:`head_statistics_at` gathers ``positions [B, N]`` out of ``[B, T, D]`` first, so callers pay
-only for the tokens they score.
+only for the tokens they score. Each distinct leading shape compiles once: pad ``N`` to a few
+bucket sizes (padding rows with target 0 are harmless and can be dropped afterwards).
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ def _check_model(name_h: str, hidden, name_w: str, unembedding, targets_shape) -
 def _check_common(targets, vocab: int, top_k: int, vocab_chunk: int, token_block: int, softcaps) -> None:
     if not jnp.issubdtype(targets.dtype, jnp.integer):
         raise ValueError(f"targets must be integer token ids, got dtype {targets.dtype}")
-    if not (isinstance(top_k, (int, np.integer)) and 0 <= top_k <= vocab):
-        raise ValueError(f"top_k must be an int in [0, V={vocab}], got {top_k!r}")
+    if not (isinstance(top_k, (int, np.integer)) and top_k >= 0):
+        raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
     if not (isinstance(vocab_chunk, (int, np.integer)) and vocab_chunk >= 1):
         raise ValueError(f"vocab_chunk must be a positive int, got {vocab_chunk!r}")
     if not (isinstance(token_block, (int, np.integer)) and token_block >= 1):
@@ -300,7 +301,7 @@ def head_statistics(
       unembedding: ``[V, D]`` (HF ``lm_head.weight`` layout, or the tied embedding).
       targets: int token ids, shape ``hidden.shape[:-1]``, each in ``[0, V)``.
       softcap: final-logit soft-cap ``cap`` (``l -> cap * tanh(l / cap)``), or None.
-      top_k: how many top log-probs/ids to keep (``0 <= top_k <= V``).
+      top_k: how many top log-probs/ids to keep; ``k = min(top_k, V)`` columns are returned.
       vocab_chunk: rows of ``unembedding`` per streamed chunk.
       token_block: tokens per block; the working set is ``[token_block, vocab_chunk]`` float32.
       precision: matmul precision (``"highest"`` keeps float32 inputs exact on GPU/TPU).
@@ -315,7 +316,7 @@ def head_statistics(
     stats, _ = _fused(
         (hidden,), (unembedding,), targets,
         softcaps=(None if softcap is None else float(softcap),),
-        top_k=int(top_k), vocab_chunk=int(vocab_chunk), token_block=int(token_block),
+        top_k=min(int(top_k), unembedding.shape[0]), vocab_chunk=int(vocab_chunk), token_block=int(token_block),
         precision=_precision(precision),
     )
     return stats[0]
@@ -360,7 +361,7 @@ def paired_head_statistics(
     )
     caps = tuple(None if c is None else float(c) for c in (policy_softcap, reference_softcap))
     stats, kl = _fused(
-        (ph, rh), (pw, rw), targets, softcaps=caps, top_k=int(top_k), vocab_chunk=int(vocab_chunk),
+        (ph, rh), (pw, rw), targets, softcaps=caps, top_k=min(int(top_k), pw.shape[0]), vocab_chunk=int(vocab_chunk),
         token_block=int(token_block), precision=_precision(precision),
     )
     return stats[0], stats[1], kl

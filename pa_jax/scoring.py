@@ -94,6 +94,7 @@ class ScoringOptions:
     bucket_lengths: tuple[int, ...] = DEFAULT_BUCKETS
     max_batch_tokens: int = 16384
     pack: bool = True
+    pack_length: int = 1024  # rows of packed short trajectories hold at most this many tokens
     share_prefix: bool = True
     min_prefix: int = 64
     vocab_chunk: int = 8192
@@ -201,7 +202,7 @@ def make_plan(
     order = sorted(range(len(rendered)), key=lambda i: (-lengths[i], i))
     rows: list[list[int]] = []
     if options.pack and can_pack and prefix == 0:
-        cap_len = options.bucket_lengths[min(len(options.bucket_lengths) - 1, 4)]  # pack into <= 1024-token rows
+        cap_len = options.pack_length
         fill: list[int] = []
         for i in order:
             if lengths[i] > cap_len // 2:
@@ -273,8 +274,26 @@ def supports_packing(config: Any) -> bool:
     return not any("linear" in str(t) for t in getattr(config, "layer_types", ()))
 
 
+_PROGRAMS: list = []  # small memo of (policy model, reference model, settings, program)
+
+
 def build_program(policy, reference, *, top_k: int, vocab_chunk: int, token_block: int, use_seg: bool,
                   same_vocab: bool):
+    """Memoized `_build_program`: reusing the jitted function reuses its compiled shapes."""
+    settings = (top_k, vocab_chunk, token_block, use_seg, same_vocab)
+    rm = None if reference is None else reference[1]
+    for pm, r, st, prog in _PROGRAMS:
+        if pm is policy[1] and r is rm and st == settings:
+            return prog
+    prog = _build_program(policy, reference, top_k=top_k, vocab_chunk=vocab_chunk, token_block=token_block,
+                          use_seg=use_seg, same_vocab=same_vocab)
+    _PROGRAMS.append((policy[1], rm, settings, prog))
+    del _PROGRAMS[:-2]
+    return prog
+
+
+def _build_program(policy, reference, *, top_k: int, vocab_chunk: int, token_block: int, use_seg: bool,
+                   same_vocab: bool):
     """A jitted function (policy_state, reference_state, ids, mask, seg, pos, tgt, kv_p, kv_r) -> stats dict.
 
     policy / reference: (config, model) pairs; reference may be None (policy-only statistics)."""

@@ -263,3 +263,19 @@ def test_bad_input():
         trajectory_scores(p, p, sid, np.array([2, -1]))
     with pytest.raises(ValueError, match="k"):
         k_step_advantage(np.zeros((2, 2)), np.ones((2, 2), bool), 0)
+
+
+def test_inside_jit_with_static_max_steps():
+    """Callable inside a caller's jit (log-probs traced, step structure concrete): same result."""
+    import jax
+
+    rng = np.random.default_rng(1)
+    p = rng.uniform(-3, 0, (2, 6)).astype(np.float32)
+    r = rng.uniform(-3, 0, (2, 6)).astype(np.float32)
+    sid = np.array([[0, 0, 1, 1, -1, 2], [-1, 0, 0, 0, -1, -1]], np.int32)
+    ns = np.array([3, 2], np.int32)
+    f = jax.jit(lambda a, b: trajectory_scores(a, b, sid, ns, token_agg="max", step_agg="bottom10", max_steps=S))
+    np.testing.assert_allclose(np.asarray(f(p, r)), np_scores(p, r, sid, ns, "max", "bottom10", 1.0, "per_model"),
+                               **TOL)
+    g = jax.jit(lambda a, b, s, n: step_advantages(a, b, s, n, max_steps=S)[0])
+    np.testing.assert_allclose(np.asarray(g(p, r, sid, ns)), np.asarray(step_advantages(p, r, sid, ns, max_steps=S)[0]))

@@ -112,14 +112,13 @@ def test_baselines_match_numpy(prob, aggs):
 
     # per-step machinery (every combination of the shared machinery is covered by test_advantage)
     for t, s in aggs:
-        if True:
-            kw = dict(token_agg=t, step_agg=s, max_steps=S)
-            np.testing.assert_allclose(policy_logprob_scores(stats.target_logprob, sid, ns, **kw),
-                                       np_stepwise(target_lp, sid, ns, t, s, "zero"), **TOL)
-            np.testing.assert_allclose(negative_entropy_scores(stats.entropy, sid, ns, **kw),
-                                       np_stepwise(-entropy, sid, ns, t, s, "skip"), **TOL)
-            np.testing.assert_allclose(topk_mean_logprob_scores(stats.topk_logprobs, sid, ns, **kw),
-                                       np_stepwise(topk_mean, sid, ns, t, s, "skip"), **TOL)
+        kw = dict(token_agg=t, step_agg=s, max_steps=S)
+        np.testing.assert_allclose(policy_logprob_scores(stats.target_logprob, sid, ns, **kw),
+                                   np_stepwise(target_lp, sid, ns, t, s, "zero"), **TOL)
+        np.testing.assert_allclose(negative_entropy_scores(stats.entropy, sid, ns, **kw),
+                                   np_stepwise(-entropy, sid, ns, t, s, "skip"), **TOL)
+        np.testing.assert_allclose(topk_mean_logprob_scores(stats.topk_logprobs, sid, ns, **kw),
+                                   np_stepwise(topk_mean, sid, ns, t, s, "skip"), **TOL)
     np.testing.assert_allclose(
         self_certainty_scores(stats.mean_logprob, V, sid, ns, token_agg="max", step_agg="min", max_steps=S),
         np_stepwise(kl_uniform, sid, ns, "max", "min", "skip"), **TOL)

@@ -85,6 +85,8 @@ def test_top_k_zero_and_full_vocab():
     assert s0.topk_ids.shape == (7, 0)
     ref, _ = np_stats(hidden, unemb, targets, None, 50)
     assert_stats(head_statistics(hidden, unemb, targets, top_k=50, vocab_chunk=16), ref)
+    # top_k > V (e.g. the default 20 on a tiny toy vocabulary) returns all V, sorted
+    assert_stats(head_statistics(hidden, unemb, targets, top_k=64, vocab_chunk=16), ref)
 
 
 def test_inside_jit_and_bf16():
@@ -177,7 +179,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="targets"):
         head_statistics(hidden, unemb, np.full((2, 4), -1))
     with pytest.raises(ValueError, match="top_k"):
-        head_statistics(hidden, unemb, targets, top_k=31)
+        head_statistics(hidden, unemb, targets, top_k=-1)
     with pytest.raises(ValueError, match="vocab_chunk"):
         head_statistics(hidden, unemb, targets, vocab_chunk=0)
     with pytest.raises(ValueError, match="softcap"):

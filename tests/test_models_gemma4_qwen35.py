@@ -82,7 +82,7 @@ def _randomize(model, seed: int) -> None:
                     else 1.0
                 p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
             else:
-                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
         for name, b in model.named_buffers():
             if name.endswith("layer_scalar"):
                 b.copy_(torch.empty_like(b).uniform_(0.5, 1.5, generator=g))

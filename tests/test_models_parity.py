@@ -2,7 +2,7 @@
 
 Ground truth: transformers 5.23.0 (PyTorch 2.13 CPU), ``attn_implementation="eager"``, float32.
 
-For every supported model type a tiny random model is built with transformers' config and model classes
+For every supported model type (plus gemma2, whose attention soft-cap transformers applies) a tiny random model is built with transformers' config and model classes
 (every feature switched on: sliding windows shorter than the sequence, soft-caps, biases, tied and untied
 embeddings, each RoPE variant), saved with ``save_pretrained``, loaded with ``pa_jax.models.load`` and run
 on a padded batch (one full row, one right-padded, one left-padded). Logits are computed here from the
@@ -77,6 +77,11 @@ CASES: dict[str, tuple[str, dict]] = {
              final_logit_softcapping=5.0, rope_parameters={
                  "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100_000.0},
                  "sliding_attention": {"rope_type": "default", "rope_theta": 1_000.0}}),
+    ),
+    "gemma2-softcaps": (
+        "gemma2",
+        dict(num_hidden_layers=3, sliding_window=WINDOW, query_pre_attn_scalar=6, attn_logit_softcapping=2.0,
+             final_logit_softcapping=4.0, rope_parameters={"rope_type": "default", "rope_theta": 1000.0}),
     ),
     "gemma3-untied": (
         "gemma3_text",
@@ -167,7 +172,11 @@ def test_feature_flags_really_on(converted):
     """The tiny configs exercise what they claim (windows shorter than T, per-type RoPE, caps, ties)."""
     _, g, _, _ = converted("gemma3-softcaps-tied")
     assert g.layer_types.count("sliding_attention") == 5 and g.layer_types[5] == "full_attention"
-    assert g.sliding_window < T and g.attn_logit_softcap == 3.0 and g.final_logit_softcap == 5.0
+    # transformers 5.23's Gemma3Attention never applies attn_logit_softcapping (gemma2 does): neither do we.
+    assert g.sliding_window < T and g.attn_logit_softcap is None and g.final_logit_softcap == 5.0
+    _, g2, _, _ = converted("gemma2-softcaps")
+    assert g2.attn_logit_softcap == 2.0 and g2.final_logit_softcap == 4.0
+    assert g2.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
     assert g.tie_word_embeddings and g.rope_for("full_attention").rope_type == "linear"
     assert g.rope_for("sliding_attention").theta == 1_000.0
     _, o, _, _ = converted("olmo3-sliding-yarn")
@@ -179,51 +188,53 @@ def test_feature_flags_really_on(converted):
 
 
 def test_left_right_padding_and_packing_agree(converted):
-    """The same sequence gives the same hidden states unpadded, left-padded, right-padded and packed."""
-    _, cfg, model, _ = converted("gemma3-softcaps-tied")
+    """The same sequences give the same hidden states unpadded, left-padded, right-padded and packed."""
+    _, cfg, model, _ = converted("gemma3-untied")
     rng = np.random.default_rng(1)
     a, b = rng.integers(1, V, size=7), rng.integers(1, V, size=5)
-    run = nnx.jit(lambda m, i, msk: m(i, msk))
-    ha = np.asarray(run(model, jnp.asarray(a[None]), jnp.ones((1, 7), jnp.int32)))[0]
-    hb = np.asarray(run(model, jnp.asarray(b[None]), jnp.ones((1, 5), jnp.int32)))[0]
-    ids = np.zeros((2, T), np.int64)
-    mask = np.zeros((2, T), np.int64)
-    ids[0, :7], mask[0, :7] = a, 1  # right padded
-    ids[1, T - 7:], mask[1, T - 7:] = a, 1  # left padded
-    h = np.asarray(run(model, jnp.asarray(ids), jnp.asarray(mask)))
+    run = nnx.jit(lambda m, i, msk, s: m(i, msk, segment_ids=s))
+    ids = np.zeros((4, T), np.int64)
+    mask = np.zeros((4, T), np.int64)
+    ids[0, :7], mask[0, :7] = a, 1  # a, right padded
+    ids[1, T - 7:], mask[1, T - 7:] = a, 1  # a, left padded
+    ids[2, :5], mask[2, :5] = b, 1  # b, right padded
+    ids[3] = np.concatenate([a, b])  # packed row [a | b]: segments 1 and 2, positions restarting
+    mask[3] = 1
+    seg = np.ones((4, T), np.int64)  # one segment per row except the packed one
+    seg[3, 7:] = 2
+    h = np.asarray(run(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(seg)))
+    ha = np.asarray(nnx.jit(lambda m, i: m(i))(model, jnp.asarray(a[None])))[0]
     np.testing.assert_allclose(h[0, :7], ha, atol=1e-5)
     np.testing.assert_allclose(h[1, T - 7:], ha, atol=1e-5)
-    # packed: [a | b] in one row, segments 1 and 2, positions restarting per segment
-    packed = np.concatenate([a, b])[None]
-    seg = np.array([[1] * 7 + [2] * 5])
-    hp = np.asarray(
-        nnx.jit(lambda m, i, s: m(i, segment_ids=s))(model, jnp.asarray(packed), jnp.asarray(seg))
-    )[0]
-    np.testing.assert_allclose(hp[:7], ha, atol=1e-5)
-    np.testing.assert_allclose(hp[7:], hb, atol=1e-5)
+    np.testing.assert_allclose(h[3, :7], ha, atol=1e-5)
+    np.testing.assert_allclose(h[3, 7:], h[2, :5], atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["olmo3-sliding-yarn", "gemma3-softcaps-tied"])
+@pytest.mark.parametrize("case", ["olmo3-sliding-yarn", "gemma3-untied"])
 def test_kv_prefix_equals_full_forward(case, converted):
     """prefix (computed once, batch 1) + suffixes (batch 3, left/right padded) == full forward, 1e-5 f32."""
     _, cfg, model, _ = converted(case)
     rng = np.random.default_rng(2)
-    prefix = rng.integers(1, V, size=(1, 6))
-    suffix, smask = padded_batch(3)
-    suffix, smask = suffix[:, :8], smask[:, :8].copy()
-    smask[1, 5:] = 0
-    smask[2, :3] = 0
-    smask[0] = 1
-    run_prefix = nnx.jit(lambda m, i: m(i, return_kv=True))
-    _, cache = run_prefix(model, jnp.asarray(prefix))
+    P_, S_ = 6, 8
+    prefix = rng.integers(1, V, size=(1, P_))
+    suffix = rng.integers(1, V, size=(3, S_))
+    smask = np.ones((3, S_), np.int64)
+    smask[1, 5:] = 0  # right padded suffix
+    smask[2, :3] = 0  # left padded suffix
+    _, cache = nnx.jit(lambda m, i: m(i, return_kv=True))(model, jnp.asarray(prefix))
     hs = np.asarray(
         nnx.jit(lambda m, i, a, c: m(i, a, kv_prefix=c))(model, jnp.asarray(suffix), jnp.asarray(smask), cache)
     )
+    # oracle: the full sequences prefix + valid suffix tokens, right padded, in one ordinary forward
+    full = np.zeros((3, P_ + S_), np.int64)
+    fmask = np.zeros((3, P_ + S_), np.int64)
     for r in range(3):
-        toks = suffix[r][smask[r].astype(bool)]
-        full = np.concatenate([prefix[0], toks])[None]
-        hf_ = np.asarray(nnx.jit(lambda m, i: m(i))(model, jnp.asarray(full)))[0, 6:]
-        np.testing.assert_allclose(hs[r][smask[r].astype(bool)], hf_, atol=1e-5, rtol=0)
+        toks = np.concatenate([prefix[0], suffix[r][smask[r].astype(bool)]])
+        full[r, : len(toks)], fmask[r, : len(toks)] = toks, 1
+    hfull = np.asarray(nnx.jit(lambda m, i, a: m(i, a))(model, jnp.asarray(full), jnp.asarray(fmask)))
+    for r in range(3):
+        n = int(smask[r].sum())
+        np.testing.assert_allclose(hs[r][smask[r].astype(bool)], hfull[r, P_: P_ + n], atol=1e-5, rtol=0)
 
 
 def test_token_logprobs_matches_transformers(converted):
@@ -268,7 +279,7 @@ def test_random_decoder_trains_and_saves(tmp_path, converted):
     """Decoder(config, rngs) random init: gradients flow (one optax step lowers the loss); saved, it loads in
     transformers and matches our forward."""
     optax = pytest.importorskip("optax")
-    _, cfg, _, _ = converted("qwen3-sliding-bias")
+    _, cfg, _, _ = converted("llama-linear-bias")
     model = models.Decoder(cfg, rngs=nnx.Rngs(3), dtype="float32")
     ids, mask = padded_batch(6)
     ids_j, mask_j = jnp.asarray(ids), jnp.asarray(mask)

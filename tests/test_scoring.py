@@ -81,7 +81,7 @@ def _oracle(model, r):
 @pytest.mark.parametrize("shared_system", [True, False])
 def test_engine_matches_torch(pair, tok, shared_system):
     rendered = [render(t, tok) for t in _trajs(6, shared_system)]
-    opts = ScoringOptions(top_k=5, max_batch_tokens=256, min_prefix=16)
+    opts = ScoringOptions(top_k=5, max_batch_tokens=256, min_prefix=16, bucket_lengths=(256, 512), pack_length=512)
     res = score_rendered(rendered, pair["policy"], pair["reference320"], options=opts, pad_id=2)
     if shared_system:
         assert res.plan.prefix_length >= 16
@@ -103,7 +103,7 @@ def test_engine_matches_torch(pair, tok, shared_system):
 
 def test_different_embedding_sizes_same_tokenizer(pair, tok):
     rendered = [render(t, tok) for t in _trajs(3, False)]
-    res = score_rendered(rendered, pair["policy"], pair["reference"], options=ScoringOptions(top_k=5), pad_id=2)
+    res = score_rendered(rendered, pair["policy"], pair["reference"], options=ScoringOptions(top_k=5, bucket_lengths=(256,)), pad_id=2)
     _, tr, _ = pair["torch"]
     for r, s in zip(rendered, res.stats):
         o = _oracle(tr, r)  # log-softmax over the reference's own 384 rows
@@ -113,7 +113,7 @@ def test_different_embedding_sizes_same_tokenizer(pair, tok):
 
 def test_interrupted_run_resumes_identically(pair, tok, tmp_path):
     rendered = [render(t, tok) for t in _trajs(6, False)]
-    opts = ScoringOptions(top_k=5, max_batch_tokens=128, pack=False)
+    opts = ScoringOptions(top_k=5, max_batch_tokens=256, pack=False, bucket_lengths=(256,))
     full = score_rendered(rendered, pair["policy"], pair["reference320"], options=opts, pad_id=2)
     assert len(full.plan.batches) >= 4
 

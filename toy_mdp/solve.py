@@ -216,15 +216,15 @@ def value_iteration_discounted(P: Array, R: Array, mask: Array, gamma: Array, *,
     return q, v
 
 
-def value_iteration_finite(P: Array, R: Array, mask: Array, gamma: Array, horizon: int
-                           ) -> tuple[Array, Array]:
-    """Plain finite-horizon backward induction ``Q_t = r + gamma P V_{t+1}``, ``V_t = max Q_t``."""
-    def step(v_next, _):
+def value_iteration_finite(P: Array, R: Array, mask: Array, gamma: Array) -> tuple[Array, Array]:
+    """Plain finite-horizon backward induction ``Q_t = r + gamma P V_{t+1}``,
+    ``V_t = max_{a in mask_t} Q_t`` (``mask`` ``[H, S, A]``)."""
+    def step(v_next, mask_t):
         q = R + gamma * (P @ v_next)
-        v = jnp.max(jnp.where(mask, q, -jnp.inf), axis=-1)
+        v = jnp.max(jnp.where(mask_t, q, -jnp.inf), axis=-1)
         return v, (q, v)
 
-    _, (q, v) = lax.scan(step, jnp.zeros(P.shape[0], P.dtype), None, length=horizon, reverse=True)
+    _, (q, v) = lax.scan(step, jnp.zeros(P.shape[0], P.dtype), mask, reverse=True)
     return q, v
 
 
@@ -433,20 +433,23 @@ def regularized_return(mdp: TabularMDP, policy, ref_policy, beta) -> np.ndarray:
 def value_iteration(mdp: TabularMDP, *, action_mask=None, tol: float = 1e-12
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Unregularized optimal ``(Q, V)`` by plain value iteration (backward induction with a
-    horizon), maximizing over ``action_mask`` (``[S, A]`` bool, default all actions): the
-    ``beta -> 0`` limit of the KL-regularized problem when the mask is ``pi_ref > 0``."""
+    horizon), maximizing over ``action_mask`` (bool ``[S, A]``, or ``[H, S, A]`` with a horizon;
+    default all actions): the ``beta -> 0`` limit of the KL-regularized problem when the mask is
+    ``pi_ref > 0``. Discounted: iterates until ``|V - V*| <= tol``."""
     S, A = mdp.num_states, mdp.num_actions
-    mask = np.ones(mdp.batch_shape + (S, A), bool) if action_mask is None else \
-        np.broadcast_to(np.asarray(action_mask, bool), mdp.batch_shape + (S, A)).copy()
-    if mask.shape != mdp.batch_shape + (S, A) or not np.all(mask.any(-1)):
-        raise ValueError(f"action_mask: expected shape {(S, A)} with an allowed action per state")
+    lead = mdp.batch_shape
+    mask = np.ones(lead + (S, A), bool) if action_mask is None else np.asarray(action_mask, bool)
+    ok = [lead + (S, A)] + ([lead + (mdp.horizon, S, A)] if mdp.horizon else [])
+    if mask.shape not in ok or not np.all(mask.any(-1)):
+        raise ValueError(f"action_mask: expected a bool array of shape {' or '.join(map(str, ok))} "
+                         f"with an allowed action in every state, got shape {mask.shape}")
     g = _per_mdp(mdp, mdp.gamma)
-    batched = bool(mdp.batch_shape)
+    batched = bool(lead)
     if mdp.horizon is None:
         return _call(value_iteration_discounted, batched, mdp.transitions, mdp.rewards, mask, g,
                      tol=float(tol))
-    return _call(value_iteration_finite, batched, mdp.transitions, mdp.rewards, mask, g,
-                 horizon=mdp.horizon)
+    return _call(value_iteration_finite, batched, mdp.transitions, mdp.rewards,
+                 _time_indexed(mdp, mask), g)
 
 
 def solve_trajectory_posterior(mdp: TabularMDP, ref_policy, beta, *, tol: float = DEFAULT_TOL,

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -128,6 +129,7 @@ class AlgoConfig:
     lr: float
     kl_coef: float
     lr_final_frac: float = 0.05
+    adam_b2: float = 0.999
     episodes: int = 256
     group_size: int = 8
     value_lr: float = 0.1
@@ -154,6 +156,8 @@ class AlgoConfig:
             raise ValueError(f"kl_coef: expected a finite value >= 0, got {self.kl_coef}")
         if not 0 < self.lr_final_frac <= 1:
             raise ValueError(f"lr_final_frac: expected 0 < lr_final_frac <= 1, got {self.lr_final_frac}")
+        if not 0 < self.adam_b2 < 1:
+            raise ValueError(f"adam_b2: expected 0 < adam_b2 < 1, got {self.adam_b2}")
         if not 0 <= self.gae_lambda <= 1:
             raise ValueError(f"gae_lambda: expected 0 <= gae_lambda <= 1, got {self.gae_lambda}")
         if self.eval_every < 0:
@@ -162,7 +166,7 @@ class AlgoConfig:
 
 # Default hyperparameters per algorithm (steps, lr, ...); ``kl_coef`` is filled from the env.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "exact_pg": dict(steps=3000, lr=0.3, lr_final_frac=0.001),
+    "exact_pg": dict(steps=3000, lr=0.3, lr_final_frac=0.001, adam_b2=0.99),
     "reinforce_kl": dict(steps=2000, lr=0.05),
     "grpo": dict(steps=2000, lr=0.05, group_size=8),
     "ppo_clip": dict(steps=2000, lr=0.02),
@@ -586,10 +590,12 @@ LOSSES: dict[str, Callable] = {"exact_pg": exact_pg_loss, "reinforce_kl": reinfo
 
 
 def make_optimizer(cfg: AlgoConfig) -> optax.GradientTransformation:
-    """Adam on the logits (cosine decay ``lr -> lr * lr_final_frac``), Adam(``value_lr``) on the critic."""
+    """Adam(``b2=adam_b2``) on the logits (cosine decay ``lr -> lr * lr_final_frac``),
+    Adam(``value_lr``) on the critic."""
     updates = cfg.steps * (cfg.epochs if cfg.algo.startswith("ppo") else 1)
     sched = optax.cosine_decay_schedule(cfg.lr, decay_steps=updates, alpha=cfg.lr_final_frac)
-    return optax.multi_transform({"policy": optax.adam(sched), "value": optax.adam(cfg.value_lr)},
+    return optax.multi_transform({"policy": optax.adam(sched, b2=cfg.adam_b2),
+                                  "value": optax.adam(cfg.value_lr)},
                                  {"logits": "policy", "value": "value"})
 
 
@@ -617,34 +623,55 @@ def _eval_steps(steps: int, eval_every: int) -> list[int]:
     return sorted(set([0] + list(range(every, steps, every)) + [steps]))
 
 
-def train_algorithm(problem: Problem, env: EnvConfig, cfg: AlgoConfig, key: Array,
-                    ) -> tuple[dict[str, Any], Array]:
-    """Train ``cfg.algo`` on every MDP of ``problem`` (``vmap``) from ``pi_ref``.
-
-    Returns ``(history, final_logits [M, Hp, S, A])``; ``history`` holds ``step`` and, per metric of
-    :func:`policy_metrics`, an ``[E, M]`` NumPy array (E evaluations). Call under
-    ``jax.enable_x64(True)`` (``run`` does).
-    """
-    cfg.validate()
-    env.validate()
-    M, hp, S, _ = problem.ref_log.shape
-    T = int(env.horizon) if env.horizon is not None else int(env.rollout_len)
+@functools.lru_cache(maxsize=64)
+def _compiled_chunk(cfg: AlgoConfig, horizon: Optional[int], T: int):
+    """``(optimizer, chunk)``; ``chunk(params, opt_state, key, steps [n], prob)`` runs ``n`` training
+    steps on every MDP (``lax.scan`` over steps, ``vmap`` over MDPs; step ``i`` uses key
+    ``fold_in(key, i)`` split over MDPs). Cached so equal configs reuse the compilation."""
     opt = make_optimizer(cfg)
-    params = {"logits": problem.ref_log, "value": jnp.zeros((M, hp, S), problem.ref_log.dtype)}
-    opt_state = jax.vmap(opt.init)(params)
-    step = jax.vmap(make_step(cfg, opt, env.horizon, T))
+    step = jax.vmap(make_step(cfg, opt, horizon, T))
 
     @jax.jit
     def chunk(params, opt_state, key, idx, prob):
+        M = prob.initial.shape[0]
+
         def body(carry, i):
             p, s = carry
             keys = jax.random.split(jax.random.fold_in(key, i), M)
             return step(p, s, keys, prob), None
         (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), idx)
         return params, opt_state
+    return opt, chunk
 
-    metrics = jax.jit(jax.vmap(lambda lg, pr: policy_metrics(
-        lg, pr, beta=env.beta, horizon=env.horizon, min_weight=env.min_weight)))
+
+@functools.lru_cache(maxsize=64)
+def _compiled_metrics(beta: float, horizon: Optional[int], min_weight: float) -> Callable:
+    return jax.jit(jax.vmap(lambda lg, pr: policy_metrics(
+        lg, pr, beta=beta, horizon=horizon, min_weight=min_weight)))
+
+
+def train_algorithm(problem: Problem, env: EnvConfig, cfg: AlgoConfig, key: Array,
+                    ) -> tuple[dict[str, Any], Array]:
+    """Train ``cfg.algo`` on every MDP of ``problem`` (``vmap``) from ``pi_ref``.
+
+    Returns ``(history, final_logits [M, Hp, S, A])``; ``history`` holds ``step`` and, per metric of
+    :func:`policy_metrics`, an ``[E, M]`` NumPy array (E evaluations). Runs in float64
+    (``jax.enable_x64(True)`` scoped to the call).
+    """
+    cfg.validate()
+    env.validate()
+    with jax.enable_x64(True):
+        return _train(problem, env, cfg, key)
+
+
+def _train(problem: Problem, env: EnvConfig, cfg: AlgoConfig, key: Array,
+           ) -> tuple[dict[str, Any], Array]:
+    M, hp, S, _ = problem.ref_log.shape
+    T = int(env.horizon) if env.horizon is not None else int(env.rollout_len)
+    opt, chunk = _compiled_chunk(cfg, env.horizon, T)
+    params = {"logits": problem.ref_log, "value": jnp.zeros((M, hp, S), problem.ref_log.dtype)}
+    opt_state = jax.vmap(opt.init)(params)
+    metrics = _compiled_metrics(float(env.beta), env.horizon, float(env.min_weight))
     steps_at = _eval_steps(cfg.steps, cfg.eval_every)
     rows = [jax.device_get(metrics(params["logits"], problem))]
     for lo, hi in zip(steps_at[:-1], steps_at[1:]):

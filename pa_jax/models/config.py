@@ -19,7 +19,7 @@ import math
 from typing import Any
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
-    "llama", "qwen2", "qwen3", "olmo2", "olmo3", "gemma3_text", "gemma4_text", "qwen3_5_text"
+    "llama", "qwen2", "qwen3", "olmo2", "olmo3", "gemma2", "gemma3_text", "gemma4_text", "qwen3_5_text"
 )
 """Model types this module understands (issue 7 appends more)."""
 
@@ -258,6 +258,8 @@ def _layer_types(hf: dict[str, Any], mt: str, n: int) -> tuple[tuple[str, ...], 
     if lt is None:
         if mt == "olmo3":
             lt = ["sliding_attention" if (i + 1) % 4 != 0 else "full_attention" for i in range(n)]
+        elif mt == "gemma2":
+            lt = ["sliding_attention" if bool((i + 1) % 2) else "full_attention" for i in range(n)]
         elif mt == "gemma3_text":
             pattern = hf.get("sliding_window_pattern", 6)
             lt = ["sliding_attention" if bool((i + 1) % pattern) else "full_attention" for i in range(n)]
@@ -373,8 +375,8 @@ def _from_hf_dict(hf: dict[str, Any]) -> ModelConfig:
     head_dim = hf.get("head_dim") or hidden // heads
     layer_types, window = _layer_types(hf, mt, n_layers)
     rope = _rope_table(hf, mt, layer_types)
-    act = hf.get("hidden_activation") if mt in ("gemma3_text", "gemma4_text") else hf.get("hidden_act", "silu")
-    act = act or ("gelu_pytorch_tanh" if mt in ("gemma3_text", "gemma4_text") else "silu")
+    act = hf.get("hidden_activation") if mt in ("gemma2", "gemma3_text", "gemma4_text") else hf.get("hidden_act", "silu")
+    act = act or ("gelu_pytorch_tanh" if mt in ("gemma2", "gemma3_text", "gemma4_text") else "silu")
     act_map = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
     if act not in act_map:
         raise ValueError(f"config.json: activation {act!r} is not supported (supported: {sorted(act_map)})")
@@ -395,21 +397,34 @@ def _from_hf_dict(hf: dict[str, Any]) -> ModelConfig:
             embed_scale=True,
             mlp_bias=False,
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
-            attn_logit_softcap=hf.get("attn_logit_softcapping"),
+            # transformers 5.23's Gemma3Attention stores attn_logit_softcapping but never applies it (only
+            # gemma2 passes it to the attention kernel): follow the oracle.
+            attn_logit_softcap=None,
             final_logit_softcap=hf.get("final_logit_softcapping"),
+        )
+    elif mt == "gemma2":
+        flags.update(
+            norm_placement="sandwich",
+            norm_offset=True,
+            norm_weight_f32=True,
+            embed_scale=True,
+            mlp_bias=False,
+            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+            attn_logit_softcap=hf.get("attn_logit_softcapping", 50.0),
+            final_logit_softcap=hf.get("final_logit_softcapping", 30.0),
         )
     elif mt == "gemma4_text":
         flags.update(_gemma4_flags(hf, layer_types))
     elif mt == "qwen3_5_text":
         flags.update(_qwen3_5_flags(hf))
-    tie_default = mt in ("gemma3_text", "gemma4_text")
+    tie_default = mt in ("gemma2", "gemma3_text", "gemma4_text")
     tie = source.get("tie_word_embeddings", hf.get("tie_word_embeddings", tie_default))
     if tie is None:
         tie = tie_default
     for cap in ("attn_logit_softcap", "final_logit_softcap"):
         if flags.get(cap) is not None:
             flags[cap] = float(flags[cap])
-    eps_default = 1e-6 if mt in ("gemma3_text", "llama", "qwen2", "qwen3", "gemma4_text", "qwen3_5_text") else 1e-5
+    eps_default = 1e-6 if mt in ("gemma2", "gemma3_text", "llama", "qwen2", "qwen3", "gemma4_text", "qwen3_5_text") else 1e-5
     cfg = ModelConfig(
         model_type=mt,
         vocab_size=_req(hf, "vocab_size"),

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pa_jax.models import deltanet as DN
+from pa_jax.models import gemma4 as G4
 from pa_jax.models import layers as L
 from pa_jax.models.config import ModelConfig, RopeConfig
 
@@ -97,8 +99,8 @@ class RMSNorm(nnx.Module):
 class MLP(nnx.Module):
     """Gated MLP: down(act(gate(x)) * up(x))."""
 
-    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, std: float):
-        d, f, b = config.hidden_size, config.intermediate_size, config.mlp_bias
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, std: float, intermediate: int | None = None):
+        d, f, b = config.hidden_size, intermediate or config.intermediate_size, config.mlp_bias
         self.gate_proj = Linear(d, f, bias=b, dtype=dtype, rngs=rngs, std=std)
         self.up_proj = Linear(d, f, bias=b, dtype=dtype, rngs=rngs, std=std)
         self.down_proj = Linear(f, d, bias=b, dtype=dtype, rngs=rngs, std=std)
@@ -116,6 +118,9 @@ class LayerContext(NamedTuple):
     mask: Array  # [B, 1, T, P + T] bool
     prefix_k: Array | None
     prefix_v: Array | None
+    per_layer_input: Array | None = None  # gemma4 PLE slice of this layer [B, T, P]
+    shared_kv: tuple[Array, Array] | None = None  # gemma4 KV sharing: (k, v) of the producer layer
+    valid: Array | None = None  # [B, T] bool, for the recurrent (linear-attention) layers
 
 
 class Attention(nnx.Module):
@@ -125,14 +130,23 @@ class Attention(nnx.Module):
         c = config
         self.config = c
         self.layer_type = c.layer_types[layer_idx]
-        d, n, k, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = Linear(d, n * hd, bias=c.qkv_bias, dtype=dtype, rngs=rngs, std=std)
-        self.k_proj = Linear(d, k * hd, bias=c.qkv_bias, dtype=dtype, rngs=rngs, std=std)
-        self.v_proj = Linear(d, k * hd, bias=c.qkv_bias, dtype=dtype, rngs=rngs, std=std)
+        d, n = c.hidden_size, c.num_heads
+        k, hd = c.kv_heads_for(self.layer_type), c.head_dim_for(self.layer_type)
+        self.head_dim, self.num_kv_heads = hd, k
+        # gemma4: KV-shared layers reuse a producer's K/V (no k/v weights); K=V full layers have no v_proj.
+        self.kv_shared = c.kv_sources[layer_idx] is not None
+        self.k_eq_v = c.attention_k_eq_v and self.layer_type == "full_attention"
+        q_out = n * hd * (2 if c.attn_output_gate else 1)  # qwen3_5: (query, gate) interleaved per head
+        self.q_proj = Linear(d, q_out, bias=c.qkv_bias, dtype=dtype, rngs=rngs, std=std)
+        self.k_proj = None if self.kv_shared else Linear(d, k * hd, bias=c.qkv_bias, dtype=dtype, rngs=rngs, std=std)
+        self.v_proj = (
+            None if self.kv_shared or self.k_eq_v
+            else Linear(d, k * hd, bias=c.qkv_bias, dtype=dtype, rngs=rngs, std=std)
+        )
         self.o_proj = Linear(n * hd, d, bias=c.o_bias, dtype=dtype, rngs=rngs, std=std)
         if c.qk_norm == "head":
             self.q_norm = RMSNorm(hd, c, dtype=dtype)
-            self.k_norm = RMSNorm(hd, c, dtype=dtype)
+            self.k_norm = None if self.kv_shared else RMSNorm(hd, c, dtype=dtype)
         elif c.qk_norm == "proj":
             self.q_norm = RMSNorm(n * hd, c, dtype=dtype)
             self.k_norm = RMSNorm(k * hd, c, dtype=dtype)
@@ -145,22 +159,40 @@ class Attention(nnx.Module):
     def __call__(self, x: Array, ctx: LayerContext) -> tuple[Array, tuple[Array, Array]]:
         c = self.config
         b, t, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        hd, kh = self.head_dim, self.num_kv_heads
+        q, gate = self.q_proj(x), None
+        if c.attn_output_gate:  # qwen3_5: per head [query | gate]
+            q, gate = jnp.split(q.reshape(b, t, c.num_heads, 2 * hd), 2, axis=-1)
+            q, gate = q.reshape(b, t, c.num_heads * hd), gate.reshape(b, t, c.num_heads * hd)
+        if self.kv_shared:
+            k, v = ctx.shared_kv  # already normed and rotated by the producer layer
+        else:
+            k = self.k_proj(x)
+            v = k if self.v_proj is None else self.v_proj(x)  # gemma4 K=V: values are the raw key projection
         if c.qk_norm == "proj":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q.reshape(b, t, c.num_heads, c.head_dim)
-        k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
-        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        q = q.reshape(b, t, c.num_heads, hd)
+        if not self.kv_shared:
+            k = k.reshape(b, t, kh, hd)
+            v = v.reshape(b, t, kh, hd)
         if c.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
+            q = self.q_norm(q)
+            if not self.kv_shared:
+                k = self.k_norm(k)
+        if c.v_norm and not self.kv_shared:
+            v = G4.rms_norm_plain(v, None, c.rms_norm_eps)
         q = L.apply_rope(q, ctx.cos, ctx.sin, f32=c.rope_f32)
-        k = L.apply_rope(k, ctx.cos, ctx.sin, f32=c.rope_f32)
+        if not self.kv_shared:
+            k = L.apply_rope(k, ctx.cos, ctx.sin, f32=c.rope_f32)
         new_kv = (k, v)
         if ctx.prefix_k is not None:
             k = jnp.concatenate([ctx.prefix_k.astype(k.dtype), k], axis=1)
             v = jnp.concatenate([ctx.prefix_v.astype(v.dtype), v], axis=1)
         out = L.attention(q, k, v, ctx.mask, scale=c.attention_scale, softcap=c.attn_logit_softcap)
-        return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), new_kv
+        out = out.reshape(b, t, c.num_heads * hd)
+        if gate is not None:
+            out = out * jax.nn.sigmoid(gate)
+        return self.o_proj(out), new_kv
 
 
 class DecoderLayer(nnx.Module):
@@ -169,9 +201,25 @@ class DecoderLayer(nnx.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, *, dtype, rngs: nnx.Rngs, std: float):
         c = config
         self.placement = c.norm_placement
-        self.self_attn = Attention(c, layer_idx, dtype=dtype, rngs=rngs, std=std)
-        self.mlp = MLP(c, dtype=dtype, rngs=rngs, std=std)
         d = c.hidden_size
+        if c.layer_types[layer_idx] == "linear_attention":  # qwen3_5 Gated DeltaNet token mixer
+            self.self_attn = None
+            self.linear_attn = DN.GatedDeltaNet(d, c.deltanet_dims, c.rms_norm_eps, dtype=dtype, rngs=rngs, std=std)
+        else:
+            self.self_attn = Attention(c, layer_idx, dtype=dtype, rngs=rngs, std=std)
+            self.linear_attn = None
+        wide = c.double_wide_mlp and c.kv_sources[layer_idx] is not None  # gemma4: KV-shared layers' MLP x2
+        self.mlp = MLP(c, dtype=dtype, rngs=rngs, std=std, intermediate=2 * c.intermediate_size if wide else None)
+        if c.per_layer_input_dim:  # gemma4 per-layer-embedding branch after the MLP
+            p = c.per_layer_input_dim
+            self.per_layer_input_gate = Linear(d, p, bias=False, dtype=dtype, rngs=rngs, std=std)
+            self.per_layer_projection = Linear(p, d, bias=False, dtype=dtype, rngs=rngs, std=std)
+            self.post_per_layer_input_norm = RMSNorm(d, c, dtype=dtype)
+        else:
+            self.per_layer_input_gate = self.per_layer_projection = self.post_per_layer_input_norm = None
+        self.activation = c.activation
+        self.eps = c.rms_norm_eps
+        self.layer_scalar = nnx.Param(jnp.ones((1,), dtype)) if c.layer_scalar else None  # gemma4
         self.input_layernorm = RMSNorm(d, c, dtype=dtype) if c.norm_placement in ("pre", "sandwich") else None
         self.post_attention_layernorm = RMSNorm(d, c, dtype=dtype)
         if c.norm_placement == "sandwich":
@@ -183,10 +231,16 @@ class DecoderLayer(nnx.Module):
         else:
             self.post_feedforward_layernorm = None
 
+    def _mix(self, x: Array, ctx: LayerContext) -> tuple[Array, tuple[Array | None, Array | None]]:
+        """Token mixer: self-attention, or (qwen3_5 linear_attention layers) the Gated DeltaNet."""
+        if self.linear_attn is not None:
+            return self.linear_attn(x, ctx.valid), (None, None)
+        return self.self_attn(x, ctx)
+
     def __call__(self, x: Array, ctx: LayerContext) -> tuple[Array, tuple[Array, Array]]:
         if self.placement == "pre":
             # llama: post_attention_layernorm is the norm *before* the MLP.
-            h, kv = self.self_attn(self.input_layernorm(x), ctx)
+            h, kv = self._mix(self.input_layernorm(x), ctx)
             x = x + h
             x = x + self.mlp(self.post_attention_layernorm(x))
         elif self.placement == "post":
@@ -194,9 +248,17 @@ class DecoderLayer(nnx.Module):
             x = x + self.post_attention_layernorm(h)
             x = x + self.post_feedforward_layernorm(self.mlp(x))
         else:  # sandwich
-            h, kv = self.self_attn(self.input_layernorm(x), ctx)
+            h, kv = self._mix(self.input_layernorm(x), ctx)
             x = x + self.post_attention_layernorm(h)
             x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        if self.per_layer_input_gate is not None:
+            act = functools.partial(L.activation, kind=self.activation)
+            x = G4.per_layer_residual(
+                x, ctx.per_layer_input, self.per_layer_input_gate.weight[...], self.per_layer_projection.weight[...],
+                self.post_per_layer_input_norm.weight[...], act=act, eps=self.eps,
+            )
+        if self.layer_scalar is not None:
+            x = x * self.layer_scalar[...]
         return x, kv
 
 
@@ -227,6 +289,15 @@ class Decoder(nnx.Module):
             [DecoderLayer(config, i, dtype=dt, rngs=rngs, std=std) for i in range(config.num_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, config, dtype=dt)
+        if config.per_layer_input_dim:  # gemma4 per-layer embeddings (see pa_jax.models.gemma4)
+            lp = config.num_layers * config.per_layer_input_dim
+            self.embed_tokens_per_layer = Embedding(
+                config.vocab_size_per_layer_input or config.vocab_size, lp, dtype=dt, rngs=rngs, std=std
+            )
+            self.per_layer_model_projection = Linear(config.hidden_size, lp, bias=False, dtype=dt, rngs=rngs, std=std)
+            self.per_layer_projection_norm = RMSNorm(config.per_layer_input_dim, config, dtype=dt)
+        else:
+            self.embed_tokens_per_layer = self.per_layer_model_projection = self.per_layer_projection_norm = None
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -264,6 +335,10 @@ class Decoder(nnx.Module):
         input_ids = jnp.asarray(input_ids)
         b, t = input_ids.shape
         valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        if c.has_linear_attention:  # qwen3_5: recurrent layers carry a state, not per-token keys/values
+            DN.check_no_segments(segment_ids)
+            if kv_prefix is not None or return_kv:
+                raise ValueError("kv_prefix / return_kv are not supported for models with linear_attention layers")
         if kv_prefix is not None:
             if segment_ids is not None:
                 raise ValueError("segment_ids cannot be combined with kv_prefix")
@@ -299,10 +374,19 @@ class Decoder(nnx.Module):
                 q_index, kv_index, kv_valid, q_positions=positions, kv_positions=kv_pos,
                 q_segments=seg, kv_segments=seg, window=c.window_for(lt),
             )
-            inv, scaling = _rope_tables(c.rope_for(lt), c.head_dim)
+            inv, scaling = _rope_tables(c.rope_for(lt), c.head_dim_for(lt))
             tables[lt] = L.rope_cos_sin(positions, jnp.asarray(inv), scaling)
 
         x = self.embed(input_ids)
+        per_layer = None
+        if self.embed_tokens_per_layer is not None:
+            per_layer = G4.per_layer_inputs(
+                input_ids, x, self.embed_tokens_per_layer.weight[...], self.per_layer_model_projection.weight[...],
+                self.per_layer_projection_norm.weight[...], num_layers=c.num_layers,
+                per_layer_dim=c.per_layer_input_dim, eps=c.rms_norm_eps,
+            )
+        sources = c.kv_sources
+        produced: dict[int, tuple[Array, Array]] = {}
         keys, values = [], []
         for i, layer in enumerate(self.layers):
             lt = c.layer_types[i]
@@ -311,8 +395,13 @@ class Decoder(nnx.Module):
                 cos, sin, masks[lt],
                 None if kv_prefix is None else kv_prefix.keys[i],
                 None if kv_prefix is None else kv_prefix.values[i],
+                per_layer_input=None if per_layer is None else per_layer[:, :, i],
+                shared_kv=None if sources[i] is None else produced[sources[i]],
+                valid=valid,
             )
             x, (k, v) = layer(x, ctx)
+            if i in sources:
+                produced[i] = (k, v)
             if return_kv:
                 keys.append(k)
                 values.append(v)

@@ -81,8 +81,9 @@ def rms_norm_plain(x: Array, weight: Array | None, eps: float) -> Array:
 
 
 def _scale(x: Array, s: float) -> Array:
-    """x * s with s in float32 and the product rounded to x.dtype (torch: tensor * python float)."""
-    return (x.astype(jnp.float32) * jnp.float32(s)).astype(x.dtype)
+    """x * s computed in float32 (or wider) and rounded to x.dtype (torch: tensor * python float)."""
+    ct = jnp.promote_types(x.dtype, jnp.float32)
+    return (x.astype(ct) * jnp.asarray(s, ct)).astype(x.dtype)
 
 
 def embed_scale(hidden: int, dtype) -> Array:

@@ -41,9 +41,25 @@ FAMILY_TABLES: dict[str, list[tuple[str, str]]] = {
     "qwen3": _BASE + _QK_NORM + _PRE_NORMS,
     "olmo2": _BASE + _QK_NORM + _POST_NORMS,
     "olmo3": _BASE + _QK_NORM + _POST_NORMS,
+    "gemma2": _BASE + _SANDWICH_NORMS,
     "gemma3_text": _BASE + _QK_NORM + _SANDWICH_NORMS,
 }
 """Per family: (key regex under the text prefix, path template). lm_head is handled separately."""
+# issue 7: Gemma 4 (per-layer embeddings, layer_scalar) and Qwen 3.5 (Gated DeltaNet ``linear_attn``)
+_GEMMA4_EXTRA = [
+    (r"embed_tokens_per_layer\.weight", "embed_tokens_per_layer.weight"),
+    (r"per_layer_model_projection\.weight", "per_layer_model_projection.weight"),
+    (r"per_layer_projection_norm\.weight", "per_layer_projection_norm.weight"),
+    (_L + r"(per_layer_input_gate|per_layer_projection|post_per_layer_input_norm)\.weight", r"layers.\1.\2.weight"),
+    (_L + r"layer_scalar", r"layers.\1.layer_scalar"),
+]
+_LINEAR_ATTN = [
+    (_L + r"linear_attn\.(in_proj_qkv|in_proj_z|in_proj_b|in_proj_a|out_proj|conv1d|norm)\.weight",
+     r"layers.\1.linear_attn.\2.weight"),
+    (_L + r"linear_attn\.(A_log|dt_bias)", r"layers.\1.linear_attn.\2"),
+]
+FAMILY_TABLES["gemma4_text"] = _BASE + _QK_NORM + _SANDWICH_NORMS + _GEMMA4_EXTRA
+FAMILY_TABLES["qwen3_5_text"] = _BASE + _QK_NORM + _PRE_NORMS + _LINEAR_ATTN
 
 IGNORED: list[str] = [
     r"(.*\.)?rotary_emb\.(inv_freq|original_inv_freq|.*_inv_freq)",

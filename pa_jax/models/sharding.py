@@ -165,7 +165,7 @@ def array_from_slices(
     Identical shards (replicas) are read once per process.
     """
     shape = tuple(int(d) for d in shape)
-    dt = np.dtype(dtype) if not hasattr(dtype, "dtype") else np.dtype(dtype.dtype)
+    dt = np.dtype(dtype)
     cache: dict[tuple, np.ndarray] = {}
 
     def cb(index: tuple[slice, ...]) -> np.ndarray:

@@ -1,0 +1,335 @@
+"""Shared plumbing of the `pa-jax score|uq|bon|fa` subcommands.
+
+load data -> render with the policy tokenizer -> score both models (pa_jax.scoring, cached) ->
+per-trajectory and per-step scores of every method (pa_jax.advantage / pa_jax.baselines) ->
+the command's application -> results JSON (configuration, package versions, SHA-256 of every
+input file, skipped items with reasons, truncation records) written atomically, and a summary table.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from pa_jax.data import RENDERINGS, Dataset, Rendered, Trajectory, load, render
+
+TOKEN_AGGS = ("mean", "sum", "last", "min", "max")
+STEP_AGGS = ("mean", "sum", "last", "min", "max", "bottom10")
+PA = "progress_advantage"
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+def _agg_list(choices: Sequence[str]):
+    def parse(s: str) -> list[str]:
+        items = list(choices) if s == "all" else [x.strip() for x in s.split(",") if x.strip()]
+        bad = [x for x in items if x not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"expected 'all' or a comma list of {list(choices)}, got {s!r}")
+        return items
+    return parse
+
+
+def add_common_arguments(p: argparse.ArgumentParser, *, token_agg: str = "mean", step_agg: str = "mean",
+                         need_reference: bool = False) -> None:
+    p.add_argument("--policy", required=True, help="policy checkpoint: HF directory or .gguf file")
+    p.add_argument("--reference", required=need_reference, default=None,
+                   help="reference checkpoint (same tokenizer); omit for policy-only baselines")
+    p.add_argument("--data", required=True, help="trajectory file or directory (format auto-detected)")
+    p.add_argument("--rendering", choices=RENDERINGS, default="reference",
+                   help="reference: the authors' '\\n[role]: content' text; chat: the tokenizer's chat template")
+    p.add_argument("--token-agg", type=_agg_list(TOKEN_AGGS), default=_agg_list(TOKEN_AGGS)(token_agg),
+                   help=f"token aggregation(s): comma list of {TOKEN_AGGS} or 'all' (default {token_agg})")
+    p.add_argument("--step-agg", type=_agg_list(STEP_AGGS), default=_agg_list(STEP_AGGS)(step_agg),
+                   help=f"step aggregation(s): comma list of {STEP_AGGS} or 'all' (default {step_agg})")
+    p.add_argument("--beta", type=float, default=1.0, help="progress advantage scale beta (default 1)")
+    p.add_argument("--max-length", type=int, default=16384,
+                   help="tokens per trajectory; longer ones keep their tail (reported per trajectory)")
+    p.add_argument("--out", default=None, help="results JSON (written atomically)")
+    p.add_argument("--cache", default=None,
+                   help="cache directory of per-token statistics (reused and resumed across runs)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="parameter / matmul dtype (head statistics accumulate in float32)")
+    p.add_argument("--top-k", type=int, default=20, help="top-k log-probs kept per token (authors: 20)")
+    p.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per device batch")
+    p.add_argument("--limit", type=int, default=None,
+                   help="score only the first N trajectories (after loading; for subsets)")
+    p.add_argument("--no-share-prefix", action="store_true", help="do not reuse a prefix shared by all trajectories")
+    p.add_argument("--no-pack", action="store_true", help="do not pack short trajectories into one row")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    if args.max_length is not None and args.max_length < 2:
+        raise ValueError(f"--max-length must be >= 2, got {args.max_length}")
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.beta <= 0:
+        raise ValueError(f"--beta must be > 0, got {args.beta}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+
+
+# ---------------------------------------------------------------------------------------------- provenance
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("pa-jax", "jax", "jaxlib", "flax", "numpy", "scipy", "scikit-learn", "transformers", "tokenizers", "gguf"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def config_dict(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"}
+
+
+def write_results(path: str | None, obj: dict) -> None:
+    if path:
+        from pa_jax.scoring import atomic_write_json
+
+        atomic_write_json(path, obj)
+
+
+# ---------------------------------------------------------------------------------------------- models
+def load_model(path: str, *, dtype: str, mesh=None, role: str):
+    """(config, model) of a checkpoint; any failure becomes a ValueError naming the option and path."""
+    from pa_jax.models.load import load as load_checkpoint
+
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise ValueError(f"--{role} {path}: no such file or directory")
+    try:
+        return load_checkpoint(p, dtype=dtype, mesh=mesh)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"--{role} {path}: cannot load as a decoder-only causal LM ({type(e).__name__}: {e})") from e
+
+
+@dataclass
+class Scored:
+    """Everything an application needs after scoring."""
+
+    dataset: Dataset
+    trajectories: list[Trajectory]
+    rendered: list[Rendered]
+    stats: list  # list[pa_jax.scoring.TrajectoryStats]
+    has_reference: bool
+    reference_is_policy: bool
+    vocab_size: int
+    timing: dict
+    cache_dir: str | None
+
+
+def prepare(args: argparse.Namespace, *, require: str | None) -> Scored:
+    """Load, render, and score (both models) the trajectories named by ``args``."""
+    import jax
+
+    from pa_jax.scoring import ScoringOptions, check_tokenizers, load_tokenizer, model_identity, score_rendered
+
+    validate_args(args)
+    ds = load(args.data)
+    if require:
+        ds = ds.require(require)
+    trajs = ds.trajectories[: args.limit] if args.limit else list(ds.trajectories)
+    if not trajs:
+        raise ValueError(f"--data {args.data}: no scorable trajectory ({len(ds.skipped)} skipped)")
+    tok = load_tokenizer(args.policy)
+    same = args.reference is not None and pathlib.Path(args.reference).resolve() == pathlib.Path(args.policy).resolve()
+    if args.reference is not None and not same:
+        check_tokenizers(tok, load_tokenizer(args.reference))
+    t0 = time.perf_counter()
+    rendered = [render(t, tok, rendering=args.rendering, max_length=args.max_length) for t in trajs]
+    t_render = time.perf_counter() - t0
+    mesh = None
+    if jax.device_count() > 1:
+        from pa_jax.models.sharding import make_mesh
+
+        mesh = make_mesh()
+    t0 = time.perf_counter()
+    policy = load_model(args.policy, dtype=args.dtype, mesh=mesh, role="policy")
+    reference = None
+    if args.reference is not None and not same:
+        reference = load_model(args.reference, dtype=args.dtype, mesh=mesh, role="reference")
+    t_load = time.perf_counter() - t0
+    pad = getattr(tok, "pad_token_id", None)
+    pad = pad if pad is not None else (getattr(tok, "eos_token_id", None) or 0)
+    opts = ScoringOptions(top_k=args.top_k, max_batch_tokens=args.max_batch_tokens,
+                          pack=not args.no_pack, share_prefix=not args.no_share_prefix)
+    meta = {"policy": model_identity(args.policy), "reference": model_identity(args.reference) if reference else None,
+            "dtype": args.dtype}
+    total = sum(len(r) for r in rendered)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="tok", unit_scale=True, desc="scoring", file=sys.stderr, smoothing=0.1)
+
+    def progress(batch, ntok):
+        if bar is not None:
+            bar.update(sum(len(rendered[i]) for row in batch.rows for i in row))
+
+    try:
+        res = score_rendered(rendered, policy, reference, options=opts, cache_dir=args.cache, cache_meta=meta,
+                             mesh=mesh, pad_id=int(pad), progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    timing = {"render_s": t_render, "load_models_s": t_load, "score_s": res.seconds,
+              "tokens": total, "tokens_computed": res.tokens_computed,
+              "batches_computed": res.batches_computed, "batches_from_cache": res.batches_from_cache,
+              "tokens_per_s": (res.tokens_computed / res.seconds) if res.batches_computed and res.seconds > 0 else None,
+              "shared_prefix_tokens": res.plan.prefix_length, "models_run": 1 + (reference is not None)}
+    stats = res.stats
+    if same:  # the same checkpoint as reference: its statistics are the policy's (progress advantage == 0)
+        import dataclasses
+
+        stats = [dataclasses.replace(s, reference_logprob=s.policy_logprob, reference_entropy=s.policy_entropy,
+                                     kl=np.zeros_like(s.policy_logprob)) for s in stats]
+    vocab = int(policy[1].unembedding().shape[0])
+    return Scored(ds, trajs, rendered, stats, args.reference is not None, same, vocab, timing, res.cache_dir)
+
+
+# ---------------------------------------------------------------------------------------------- scores
+def _dense(sc: Scored):
+    from pa_jax.scoring import dense
+
+    st = sc.stats
+    step_ids = dense(st, "step_ids")
+    num_steps = np.array([s.num_steps for s in st], np.int32)
+    return st, step_ids, num_steps
+
+
+def trajectory_method_scores(sc: Scored, token_aggs: Sequence[str], step_aggs: Sequence[str], beta: float,
+                             ) -> dict[str, np.ndarray]:
+    """``{"method/token_agg/step_agg": [B]}`` (higher = more confident) for progress advantage (when a
+    reference is given) and every baseline of pa_jax.baselines; token-pooled baselines (Self-Certainty,
+    DeepConf) have one entry ``"method"``."""
+    from pa_jax import advantage, baselines
+    from pa_jax.head import HeadStats
+    from pa_jax.scoring import dense
+
+    st, sid, ns = _dense(sc)
+    smax = max(1, int(ns.max()))
+    pol = dense(st, "policy_logprob")
+    out: dict[str, np.ndarray] = {}
+
+    def hs(prefix: str) -> HeadStats:
+        z = np.zeros_like(pol)
+        return HeadStats(dense(st, f"{prefix}_logprob"), z, dense(st, f"{prefix}_entropy"), dense(st, "policy_topk"),
+                         None, dense(st, "policy_mean_logprob") if prefix == "policy" else z)
+
+    phs = hs("policy")
+    rhs = hs("reference") if sc.has_reference else None
+    if sc.has_reference:
+        table = advantage.all_trajectory_scores(pol, rhs.target_logprob, sid, ns, beta=beta, max_steps=smax)
+        for ta in token_aggs:
+            for sa in step_aggs:
+                out[f"{PA}/{ta}/{sa}"] = np.asarray(table[(ta, sa)])
+    for ta in token_aggs:
+        for sa in step_aggs:
+            b = baselines.all_baseline_scores(phs, sid, ns, vocab_size=sc.vocab_size, reference=rhs,
+                                              token_agg=ta, step_agg=sa, max_steps=smax)
+            for name, v in b.items():
+                if name.startswith("self_certainty") or name.startswith("deepconf_"):
+                    out.setdefault(name, np.asarray(v))
+                elif name.startswith("authors_deepconf"):
+                    out.setdefault(f"{name}/{ta}", np.asarray(v))
+                else:
+                    out[f"{name}/{ta}/{sa}"] = np.asarray(v)
+    return out
+
+
+def step_method_scores(sc: Scored, token_agg: str, beta: float) -> dict[str, list[np.ndarray]]:
+    """Per-step scores ``{method: [S_b] per trajectory}``: progress advantage (with a reference),
+    policy log-prob and the authors' top-k mean log-prob (their FA "self_certainty"), all with
+    ``token_agg`` over each step's tokens; empty steps score 0.0 (the authors' FA rule)."""
+    from pa_jax import advantage
+    from pa_jax.baselines import topk_mean_logprob_token
+    from pa_jax.scoring import dense
+
+    st, sid, ns = _dense(sc)
+    smax = max(1, int(ns.max()))
+    pol = dense(st, "policy_logprob")
+    per: dict[str, np.ndarray] = {}
+    if sc.has_reference:
+        a, _ = advantage.step_advantages(pol, dense(st, "reference_logprob"), sid, ns, token_agg=token_agg,
+                                         beta=beta, max_steps=smax)
+        per[PA] = np.asarray(a)
+    v, _ = advantage.step_values(pol, sid, ns, token_agg=token_agg, empty="zero", max_steps=smax)
+    per["policy_logprob"] = beta * np.asarray(v)
+    tk = np.asarray(topk_mean_logprob_token(dense(st, "policy_topk")))
+    v, _ = advantage.step_values(tk, sid, ns, token_agg=token_agg, empty="zero", max_steps=smax)
+    per["topk_mean_logprob"] = np.asarray(v)
+    return {k: [m[b, : ns[b]] for b in range(len(ns))] for k, m in per.items()}
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+def base_results(args: argparse.Namespace, command: str, sc: Scored) -> dict:
+    truncated = [{"id": r.trajectory_id, **r.truncation.as_dict()} for r in sc.rendered if r.truncation.truncated]
+    files = sorted(set(sc.dataset.files))
+    models = {"policy": args.policy, "reference": args.reference,
+              "reference_is_policy": sc.reference_is_policy}
+    return {
+        "command": command,
+        "config": config_dict(args),
+        "versions": package_versions(),
+        "inputs": {f: sha256_file(f) for f in files},
+        "models": models,
+        "n_loaded": len(sc.dataset.trajectories),
+        "n_scored": len(sc.trajectories),
+        "n_skipped": len(sc.dataset.skipped),
+        "skipped": [s.as_dict() for s in sc.dataset.skipped],
+        "n_truncated": len(truncated),
+        "truncated": truncated,
+        "timing": sc.timing,
+        "cache_dir": sc.cache_dir,
+    }
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    def fmt(x):
+        if isinstance(x, float):
+            return "nan" if np.isnan(x) else f"{x:.3f}"
+        if isinstance(x, (list, tuple)) and len(x) == 2 and all(isinstance(v, float) for v in x):
+            return f"[{fmt(x[0])}, {fmt(x[1])}]"
+        return str(x)
+
+    cells = [[fmt(x) for x in r] for r in rows]
+    w = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h)) for i, h in enumerate(header)]
+    line = lambda r: "  ".join(str(c).ljust(w[i]) for i, c in enumerate(r))  # noqa: E731
+    return "\n".join([line(header), line(["-" * x for x in w])] + [line(r) for r in cells])
+
+
+def print_footer(sc: Scored, out: str | None) -> None:
+    t = sc.timing
+    msg = (f"scored {len(sc.trajectories)} trajectories ({t['tokens']} tokens; {t['batches_computed']} batches computed, "
+           f"{t['batches_from_cache']} from cache)")
+    if t.get("tokens_per_s"):
+        msg += f" at {t['tokens_per_s']:.1f} tokens/s"
+    print(msg)
+    if sc.dataset.skipped:
+        print(f"skipped {len(sc.dataset.skipped)} items (reasons in the results JSON)")
+    n_tr = sum(r.truncation.truncated for r in sc.rendered)
+    if n_tr:
+        print(f"{n_tr} trajectories truncated to --max-length (tail kept; records in the results JSON)")
+    if sc.reference_is_policy:
+        print("note: --reference is the --policy checkpoint: progress advantage is identically 0 (sanity check)")
+    if out:
+        print(f"wrote {out}")

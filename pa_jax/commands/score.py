@@ -1,0 +1,55 @@
+"""`pa-jax score`: per-step and per-trajectory scores as JSON lines, for your own application.
+
+One line per trajectory: id, task id, labels, number of steps, truncation record, per-step scores
+(progress advantage when a reference is given, policy log-prob, authors' top-k mean log-prob) for the
+first --token-agg, and trajectory scores of every method and aggregation. Skipped items are
+written as lines with ``"skipped": reason``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from pa_jax.commands import _common as C
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    C.add_common_arguments(p, token_agg="mean", step_agg="mean")
+    p.add_argument("--jsonl", default=None, help="JSON-lines output (default: <--out without .json>.jsonl, or stdout)")
+
+
+def run(args: argparse.Namespace) -> int:
+    sc = C.prepare(args, require=None)
+    traj_scores = C.trajectory_method_scores(sc, args.token_agg, args.step_agg, args.beta)
+    steps = C.step_method_scores(sc, args.token_agg[0], args.beta)
+    lines = []
+    for b, (t, r) in enumerate(zip(sc.trajectories, sc.rendered)):
+        lines.append({
+            "id": t.id, "task_id": t.task_id, "trial": t.trial, "reward": t.reward, "success": t.success,
+            "mistake_step": t.mistake_step, "mistake_agent": t.mistake_agent, "source": t.source,
+            "num_steps": r.num_steps, "action_message_indices": list(t.action_indices),
+            "num_tokens": len(r), "truncation": r.truncation.as_dict(),
+            "step_scores": {k: [float(x) for x in v[b]] for k, v in steps.items()},
+            "step_token_agg": args.token_agg[0],
+            "trajectory_scores": {k: float(v[b]) for k, v in traj_scores.items()},
+        })
+    for s in sc.dataset.skipped:
+        lines.append({"skipped": s.reason, "source": s.source, "item": s.item})
+    text = "".join(json.dumps(x) + "\n" for x in lines)
+    path = args.jsonl or (args.out[: -len(".json")] + ".jsonl" if args.out and args.out.endswith(".json") else None)
+    if path:
+        from pa_jax.scoring import _atomic_write_bytes
+        import pathlib
+
+        _atomic_write_bytes(pathlib.Path(path), lambda f: f.write(text.encode()))
+    else:
+        print(text, end="")
+    res = C.base_results(args, "score", sc)
+    res["jsonl"] = path
+    C.write_results(args.out, res)
+    if path:
+        print(C.table([[k, float(v.mean()), float(v.min()), float(v.max())] for k, v in traj_scores.items()],
+                      ["method/token_agg/step_agg", "mean", "min", "max"]))
+        print(f"wrote {path}")
+        C.print_footer(sc, args.out)
+    return 0

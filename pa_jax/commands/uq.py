@@ -1,0 +1,41 @@
+"""`pa-jax uq`: uncertainty quantification -- how well each trajectory score predicts success.
+
+For every method and aggregation: AUROC and Spearman against success (reward >= 1) with bootstrap
+95% intervals, and Brier score / expected calibration error after cross-validated isotonic
+calibration (pa_jax.apps.uq).
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from pa_jax.apps import uq
+from pa_jax.commands import _common as C
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    C.add_common_arguments(p, token_agg="mean", step_agg="mean,last,max,min,bottom10")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds for isotonic calibration")
+    p.add_argument("--bins", type=int, default=10, help="equal-width bins of the ECE")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    sc = C.prepare(args, require="reward")
+    labels = np.array([bool(t.success) for t in sc.trajectories], np.int64)
+    scores = C.trajectory_method_scores(sc, args.token_agg, args.step_agg, args.beta)
+    metrics = uq.uq_report(scores, labels, num_resamples=args.bootstrap, seed=args.seed,
+                           num_folds=min(args.folds, len(labels)), num_bins=args.bins)
+    res = C.base_results(args, "uq", sc)
+    res["n_success"] = int(labels.sum())
+    res["metrics"] = metrics
+    res["scores"] = {"ids": [t.id for t in sc.trajectories], "labels": labels.tolist(),
+                     **{k: v.tolist() for k, v in scores.items()}}
+    C.write_results(args.out, res)
+    rows = [[k, m["auroc"], m["auroc_ci95"], m["spearman"], m["brier"], m["ece"]] for k, m in metrics.items()]
+    print(C.table(rows, ["method/token_agg/step_agg", "AUROC", "95% CI", "Spearman", "Brier", "ECE"]))
+    print(f"{len(labels)} trajectories, {int(labels.sum())} successes")
+    C.print_footer(sc, args.out)
+    return 0
