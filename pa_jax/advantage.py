@@ -342,7 +342,14 @@ def all_trajectory_scores(
 
 
 def all_trajectory_scores_array(
-    policy_logprobs, reference_logprobs, step_ids, num_steps, *, beta=1.0, order="per_model", max_steps=None
+    policy_logprobs,
+    reference_logprobs,
+    step_ids,
+    num_steps,
+    *,
+    beta: float = 1.0,
+    order: str = "per_model",
+    max_steps: int | None = None,
 ) -> Array:
     """Stacked ``[len(TOKEN_AGGS), len(STEP_AGGS), B]`` version of :func:`all_trajectory_scores`."""
     _check_name("order", order, ORDERS)

@@ -53,7 +53,8 @@ import numpy as np
 
 from pa_jax.data.render import Rendered
 
-DEFAULT_BUCKETS = (128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768)
+DEFAULT_BUCKETS = (128, 256, 512, 768, 1024, 2048, 3072, 4096, 5120, 6144, 8192, 10240, 12288, 16384, 20480,
+                   24576, 32768)
 STAT_FIELDS = ("policy_logprob", "policy_entropy", "policy_mean_logprob", "policy_topk",
                "reference_logprob", "reference_entropy", "kl")
 
@@ -97,6 +98,7 @@ class ScoringOptions:
     pack_length: int = 1024  # rows of packed short trajectories hold at most this many tokens
     share_prefix: bool = True
     min_prefix: int = 64
+    attention_chunk: int = 1024  # rows longer than this run in query chunks against a KV buffer
     vocab_chunk: int = 8192
     token_block: int = 512
 
@@ -219,8 +221,12 @@ def make_plan(
                 fill.append(lengths[i])
     else:
         rows = [[i] for i in order]
-    keyed = sorted(((_bucket(sum(lengths[i] for i in row), options.bucket_lengths), row) for row in rows),
-                   key=lambda x: (-x[0], x[1][0]))
+    def row_len(row):
+        n = _bucket(sum(lengths[i] for i in row), options.bucket_lengths)
+        c = options.attention_chunk
+        return n if (n <= c or not can_share_prefix) else -(-n // c) * c
+
+    keyed = sorted(((row_len(row), row) for row in rows), key=lambda x: (-x[0], x[1][0]))
     batches: list[Batch] = []
     k = 0
     while k < len(keyed):
@@ -277,23 +283,75 @@ def supports_packing(config: Any) -> bool:
 _PROGRAMS: list = []  # small memo of (policy model, reference model, settings, program)
 
 
+def chunked_forward(model, ids, mask, kv_prefix, chunk: int):
+    """Hidden states [B, T, D] of a long row computed ``chunk`` queries at a time (``lax.scan``).
+
+    A key/value buffer of fixed length ``P + T`` (the shared prefix, then the row) is filled chunk by
+    chunk; chunk ``j`` attends to the valid buffer entries (prefix and chunks ``< j``) and causally to
+    itself, so attention scores take ``[B, heads, chunk, P + T]`` instead of ``[B, heads, T, P + T]``
+    and the result equals one full causal forward. ``T`` must be a multiple of ``chunk``.
+    """
+    from pa_jax.models.decoder import KVCache
+
+    b, t = ids.shape
+    if t % chunk:
+        raise ValueError(f"row length {t} is not a multiple of attention_chunk {chunk}")
+    shapes = jax.eval_shape(lambda: model(ids[:, :1], mask[:, :1], return_kv=True)[1])
+    p = 0 if kv_prefix is None else kv_prefix.valid.shape[1]
+    total = p + t
+
+    def buf(sd, pre):
+        z = jnp.zeros((b, total) + sd.shape[2:], sd.dtype)
+        if pre is not None:
+            z = z.at[:, :p].set(jnp.broadcast_to(pre.astype(sd.dtype), (b,) + pre.shape[1:]))
+        return z
+
+    pk = [None] * len(shapes.keys) if kv_prefix is None else kv_prefix.keys
+    pv = [None] * len(shapes.values) if kv_prefix is None else kv_prefix.values
+    keys = tuple(buf(sd, x) for sd, x in zip(shapes.keys, pk))
+    values = tuple(buf(sd, x) for sd, x in zip(shapes.values, pv))
+    valid = jnp.zeros((b, total), bool)
+    positions = jnp.zeros((b, total), jnp.int32)
+    if kv_prefix is not None:
+        valid = valid.at[:, :p].set(jnp.broadcast_to(kv_prefix.valid.astype(bool), (b, p)))
+        positions = positions.at[:, :p].set(jnp.broadcast_to(kv_prefix.positions.astype(jnp.int32), (b, p)))
+    mask = mask.astype(bool)
+
+    def body(carry, j):
+        keys, values, valid, positions = carry
+        start = j * chunk
+        x = jax.lax.dynamic_slice_in_dim(ids, start, chunk, axis=1)
+        mk = jax.lax.dynamic_slice_in_dim(mask, start, chunk, axis=1)
+        h, new = model(x, mk, kv_prefix=KVCache(keys, values, positions, valid), return_kv=True)
+        at = p + start
+        keys = tuple(jax.lax.dynamic_update_slice_in_dim(a, n.astype(a.dtype), at, axis=1) for a, n in zip(keys, new.keys))
+        values = tuple(jax.lax.dynamic_update_slice_in_dim(a, n.astype(a.dtype), at, axis=1)
+                       for a, n in zip(values, new.values))
+        valid = jax.lax.dynamic_update_slice_in_dim(valid, new.valid.astype(bool), at, axis=1)
+        positions = jax.lax.dynamic_update_slice_in_dim(positions, new.positions.astype(jnp.int32), at, axis=1)
+        return (keys, values, valid, positions), h
+
+    _, hs = jax.lax.scan(body, (keys, values, valid, positions), jnp.arange(t // chunk))
+    return jnp.moveaxis(hs, 0, 1).reshape(b, t, hs.shape[-1])
+
+
 def build_program(policy, reference, *, top_k: int, vocab_chunk: int, token_block: int, use_seg: bool,
-                  same_vocab: bool):
+                  same_vocab: bool, chunk: int | None = None):
     """Memoized `_build_program`: reusing the jitted function reuses its compiled shapes."""
-    settings = (top_k, vocab_chunk, token_block, use_seg, same_vocab)
+    settings = (top_k, vocab_chunk, token_block, use_seg, same_vocab, chunk)
     rm = None if reference is None else reference[1]
     for pm, r, st, prog in _PROGRAMS:
         if pm is policy[1] and r is rm and st == settings:
             return prog
     prog = _build_program(policy, reference, top_k=top_k, vocab_chunk=vocab_chunk, token_block=token_block,
-                          use_seg=use_seg, same_vocab=same_vocab)
+                          use_seg=use_seg, same_vocab=same_vocab, chunk=chunk)
     _PROGRAMS.append((policy[1], rm, settings, prog))
     del _PROGRAMS[:-2]
     return prog
 
 
 def _build_program(policy, reference, *, top_k: int, vocab_chunk: int, token_block: int, use_seg: bool,
-                   same_vocab: bool):
+                   same_vocab: bool, chunk: int | None = None):
     """A jitted function (policy_state, reference_state, ids, mask, seg, pos, tgt, kv_p, kv_r) -> stats dict.
 
     policy / reference: (config, model) pairs; reference may be None (policy-only statistics)."""
@@ -310,7 +368,10 @@ def _build_program(policy, reference, *, top_k: int, vocab_chunk: int, token_blo
 
     def hidden(g, state, ids, mask, seg, pos, kv):
         m = nnx.merge(g, state)
-        h = m(ids, mask, segment_ids=seg if use_seg else None, kv_prefix=kv)
+        if chunk is not None and ids.shape[1] > chunk:
+            h = chunked_forward(m, ids, mask, kv, chunk)
+        else:
+            h = m(ids, mask, segment_ids=seg if use_seg else None, kv_prefix=kv)
         return gather_positions(h, pos), m.unembedding()
 
     def program(sp, sr, ids, mask, seg, pos, tgt, kvp, kvr):
@@ -501,7 +562,8 @@ def score_rendered(
 
         use_seg = plan.prefix_length == 0 and options.pack and can
         prog = build_program(policy, reference, top_k=options.top_k, vocab_chunk=options.vocab_chunk,
-                             token_block=options.token_block, use_seg=use_seg, same_vocab=same_vocab)
+                             token_block=options.token_block, use_seg=use_seg, same_vocab=same_vocab,
+                             chunk=options.attention_chunk if can else None)
         sp = nnx.split(policy[1])[1]
         sr = None if reference is None else nnx.split(reference[1])[1]
         kvp = kvr = None

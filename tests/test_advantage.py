@@ -105,7 +105,7 @@ def batches(draw, bsz=B, tlen=T, smax=S, max_len=5):
 
 
 @pytest.mark.parametrize("order", ["per_model", "token_level"])
-@settings(max_examples=40)
+@settings(max_examples=20)
 @given(data=batches(), beta=st.floats(0.05, 5.0))
 def test_all_combinations_match_numpy(order, data, beta):
     p, r, sid, ns = data
@@ -117,7 +117,7 @@ def test_all_combinations_match_numpy(order, data, beta):
                                    err_msg=f"{order} {t} {s}")
 
 
-@settings(max_examples=25)
+@settings(max_examples=15)
 @given(data=batches(), k=st.integers(1, 5), token_agg=st.sampled_from(TOKEN_AGGS))
 def test_step_outputs_match_numpy(data, k, token_agg):
     p, r, sid, ns = data
@@ -137,7 +137,7 @@ def test_step_outputs_match_numpy(data, k, token_agg):
 
 
 @pytest.mark.parametrize("empty", ["zero", "skip"])
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(data=batches())
 def test_value_aggregation_empty_rules(empty, data):
     v, _, sid, ns = data

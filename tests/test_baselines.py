@@ -98,7 +98,7 @@ def problems(draw):
     return hidden, unemb, targets, sid, ns
 
 
-@settings(max_examples=25)
+@settings(max_examples=15)
 @given(prob=problems(), aggs=st.lists(st.tuples(st.sampled_from(TOKEN_AGGS), st.sampled_from(STEP_AGGS)),
                                       min_size=1, max_size=3))
 def test_baselines_match_numpy(prob, aggs):

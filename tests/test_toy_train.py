@@ -2,6 +2,7 @@
 exact KL policy gradient to pi*, REINFORCE-with-KL correlation, determinism, the KL-free PPO fit."""
 import itertools
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,8 @@ import scipy.special
 import scipy.stats
 
 from toy_mdp import train as T
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 from toy_mdp.mdp import random_mdp, random_reference_policy
 from toy_mdp.solve import regularized_return as np_regularized_return
 from toy_mdp.solve import solve_kl_regularized, state_visitation
@@ -213,6 +216,40 @@ def test_cli_json_deterministic_and_reports_effective_beta(tmp_path):
         assert run["history"]["step"] == [0, 3, 6]
         assert all(np.isfinite(v) for v in run["history"]["mean_abs_error"])
     assert not list(tmp_path.glob(".tmp_*"))
+    # The figure script reads this JSON and writes a PNG.
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("prop1_fig", ROOT / "paper_figs" / "prop1_training.py")
+    fig = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fig)
+    png = tmp_path / "fig.png"
+    assert fig.main([str(p1), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="runs"):
+        fig.load(str(_write(tmp_path / "bad.json", {"config": {}})))
+
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_grpo_k3_loss_gradient_is_forward_kl_gradient():
+    """On-policy, E_{a~pi}[grad_theta k3(a)] = pi - pi_ref (= grad KL(pi_ref || pi)), which differs
+    from grad KL(pi || pi_ref) = pi (log(pi/pi_ref) - KL): why GRPO's fixed point is not pi*."""
+    rng = np.random.default_rng(0)
+    theta, ref = rng.normal(size=5), rng.dirichlet(np.ones(5))
+    with jax.enable_x64(True):
+        def expected_k3(t):
+            logp = jax.nn.log_softmax(t)
+            log_r = jnp.log(ref) - logp
+            k3 = jnp.exp(log_r) - log_r - 1.0
+            return jnp.sum(jax.lax.stop_gradient(jnp.exp(logp)) * k3)
+        g = np.asarray(jax.grad(expected_k3)(jnp.asarray(theta)))
+    pi = np.exp(theta - theta.max())
+    pi /= pi.sum()
+    np.testing.assert_allclose(g, pi - ref, atol=1e-12)
+    kl = np.sum(pi * np.log(pi / ref))
+    assert np.max(np.abs(g - pi * (np.log(pi / ref) - kl))) > 1e-3
 
 
 def test_bad_input():

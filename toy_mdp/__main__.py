@@ -11,7 +11,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
         import importlib
-        train = importlib.import_module("toy_mdp.train")  # lazy: written separately (issue 6)
+        try:
+            train = importlib.import_module("toy_mdp.train")  # lazy: heavy imports stay out of verify
+        except ModuleNotFoundError as exc:
+            if exc.name != "toy_mdp.train":
+                raise
+            print("python -m toy_mdp train: toy_mdp.train is not available", file=sys.stderr)
+            return 2
         return int(train.main(argv[1:]) or 0)
     parser = argparse.ArgumentParser(prog="python -m toy_mdp",
                                      description="Exact KL-regularized tabular MDPs (Proposition 1).")

@@ -15,8 +15,9 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-# Rows of probabilities must sum to one within this absolute tolerance.
-ROW_SUM_ATOL = 1e-8
+# Rows of probabilities must sum to one within this absolute tolerance (loose enough for float32
+# inputs); accepted rows are renormalized exactly in float64.
+ROW_SUM_ATOL = 1e-6
 
 
 def _as_float64(name: str, value) -> np.ndarray:
@@ -29,8 +30,9 @@ def _as_float64(name: str, value) -> np.ndarray:
     return arr
 
 
-def check_distribution(name: str, probs: np.ndarray, *, axis: int = -1) -> None:
-    """Raise ValueError unless ``probs`` is finite, non-negative and sums to 1 along ``axis``."""
+def check_distribution(name: str, probs: np.ndarray, *, axis: int = -1) -> np.ndarray:
+    """Raise ValueError unless ``probs`` is finite, non-negative and sums to 1 along ``axis``
+    (within ``ROW_SUM_ATOL``); return it renormalized exactly (float64)."""
     if not np.all(np.isfinite(probs)):
         raise ValueError(f"{name}: expected finite probabilities, found NaN or inf")
     if np.any(probs < 0):
@@ -41,6 +43,7 @@ def check_distribution(name: str, probs: np.ndarray, *, axis: int = -1) -> None:
         raise ValueError(
             f"{name}: expected each row (axis {axis}) to sum to 1, worst row sums to "
             f"{sums.flat[np.argmax(np.abs(sums - 1.0))]!r} (tolerance {ROW_SUM_ATOL})")
+    return probs / np.expand_dims(sums, axis)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -70,7 +73,7 @@ class TabularMDP:
         if R.shape != batch + (S, A):
             raise ValueError(f"rewards: expected shape {batch + (S, A)} to match transitions "
                              f"{P.shape}, got {R.shape}")
-        check_distribution("transitions", P)
+        P = check_distribution("transitions", P)
         horizon = self.horizon
         if horizon is not None:
             if isinstance(horizon, bool) or int(horizon) != horizon or int(horizon) < 1:
@@ -91,7 +94,7 @@ class TabularMDP:
             mu = _as_float64("initial", self.initial)
             if mu.shape != batch + (S,):
                 raise ValueError(f"initial: expected shape {batch + (S,)}, got {mu.shape}")
-            check_distribution("initial", mu)
+            mu = check_distribution("initial", mu)
         for name, value in (("transitions", P), ("rewards", R), ("gamma", g), ("initial", mu)):
             value.setflags(write=False)
             object.__setattr__(self, name, value)
@@ -147,8 +150,7 @@ def check_reference_policy(mdp: TabularMDP, ref_policy, name: str = "ref_policy"
         ok.append(batch + (mdp.horizon, S, A))
     if pi.shape not in ok:
         raise ValueError(f"{name}: expected shape {' or '.join(map(str, ok))}, got {pi.shape}")
-    check_distribution(name, pi)
-    return pi
+    return check_distribution(name, pi)
 
 
 def check_beta(mdp: TabularMDP, beta) -> np.ndarray:

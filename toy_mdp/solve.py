@@ -365,6 +365,13 @@ def _time_indexed(mdp: TabularMDP, pi: np.ndarray) -> np.ndarray:
     return np.broadcast_to(pi[..., None, :, :], lead + (mdp.horizon,) + pi.shape[-2:]).copy()
 
 
+def _probs(log_pi: np.ndarray) -> np.ndarray:
+    """``exp(log_pi)`` with subnormal results flushed to 0, as XLA on CPU does (so that the host
+    and the kernels agree on which actions are alive, ``policy > 0``)."""
+    p = np.exp(log_pi)
+    return np.where(p < np.finfo(np.float64).tiny, 0.0, p)
+
+
 def _log(p: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         return np.log(p)
@@ -393,7 +400,7 @@ def solve_kl_regularized(mdp: TabularMDP, ref_policy, beta, *, tol: float = DEFA
         it, res = np.ones(mdp.batch_shape, np.int64), np.zeros(mdp.batch_shape)
     adv = q - v[..., None]
     adv = np.where(np.isneginf(log_pi), -np.inf, adv)
-    return Solution(q, v, np.exp(log_pi), log_pi, adv, it, res)
+    return Solution(q, v, _probs(log_pi), log_pi, adv, it, res)
 
 
 def _check_policy_support(mdp: TabularMDP, policy: np.ndarray, ref: np.ndarray) -> None:
@@ -470,7 +477,7 @@ def solve_trajectory_posterior(mdp: TabularMDP, ref_policy, beta, *, tol: float 
                              _log(_time_indexed(mdp, ref)), b, g)
         it, res = np.ones(mdp.batch_shape, np.int64), np.zeros(mdp.batch_shape)
     adv = np.where(np.isneginf(log_pi), -np.inf, q - v[..., None])
-    return Solution(q, v, np.exp(log_pi), log_pi, adv, it, res)
+    return Solution(q, v, _probs(log_pi), log_pi, adv, it, res)
 
 
 def state_visitation(mdp: TabularMDP, policy) -> np.ndarray:

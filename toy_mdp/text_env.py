@@ -3,13 +3,13 @@
 The agent stands on stone 0 of a river and must be on stone ``goal`` (the far bank) after exactly
 ``horizon`` commands. Each command is a short word sequence (several tokens) and each has two outcomes:
 
-=========================  ==========================================  ==========================
-command                    succeeds                                     slips
-=========================  ==========================================  ==========================
-``walk ahead carefully .``  p = 0.8: one stone ahead (``you move .``)    stays (``you slip .``)
-``jump ahead quickly .``    p = 0.5: two stones ahead (``you land .``)   falls back to stone 0 (``you fall .``)
-``walk back carefully .``   p = 0.8: one stone back (``you move .``)     stays (``you slip .``)
-=========================  ==========================================  ==========================
+==================  ==============================================  ===============================
+command             succeeds                                         slips
+==================  ==============================================  ===============================
+``walk ahead .``    p = 0.8: one stone ahead (``moved <stone> .``)    stays (``slipped <stone> .``)
+``jump ahead .``    p = 0.5: two stones ahead (``landed <stone> .``)  back to stone 0 (``fell 0 .``)
+``walk back .``     p = 0.8: one stone back (``moved <stone> .``)     stays (``slipped <stone> .``)
+==================  ==============================================  ===============================
 
 Positions are clipped to ``[0, goal]``. The reward is 1 if the agent is on the goal stone after the last
 command and 0 otherwise (a success reward at the end, nothing in between). A language model acting here
@@ -64,9 +64,9 @@ class Command:
 
 
 DEFAULT_COMMANDS: tuple[Command, ...] = (
-    Command("walk ahead carefully .", (Outcome(0.8, +1, "you move ."), Outcome(0.2, 0, "you slip ."))),
-    Command("jump ahead quickly .", (Outcome(0.5, +2, "you land ."), Outcome(0.5, None, "you fall ."))),
-    Command("walk back carefully .", (Outcome(0.8, -1, "you move ."), Outcome(0.2, 0, "you slip ."))),
+    Command("walk ahead .", (Outcome(0.8, +1, "moved"), Outcome(0.2, 0, "slipped"))),
+    Command("jump ahead .", (Outcome(0.5, +2, "landed"), Outcome(0.5, None, "fell"))),
+    Command("walk back .", (Outcome(0.8, -1, "moved"), Outcome(0.2, 0, "slipped"))),
 )
 
 
@@ -125,17 +125,17 @@ class SteppingStones:
 
     # ----- text -----
     def prompt_text(self) -> str:
-        return f"cross the river to stone {self.goal} . stone 0 ."
+        return f"cross to stone {self.goal} ."
 
     def observation_text(self, action: int, outcome: int, position: int) -> str:
-        return f"{self.commands[action].outcomes[outcome].text} stone {position} ."
+        return f"{self.commands[action].outcomes[outcome].text} {position} ."
 
     def words(self) -> list[str]:
         """Every word the environment can render (the tokenizer's vocabulary, specials excluded)."""
         seen: dict[str, None] = {}
         texts = [self.prompt_text()] + [c.text for c in self.commands]
         texts += [o.text for c in self.commands for o in c.outcomes]
-        texts += [f"stone {p} ." for p in range(self.goal + 1)]
+        texts += [f"{p} ." for p in range(self.goal + 1)]
         for t in texts:
             for w in t.split():
                 seen.setdefault(w, None)

@@ -24,8 +24,9 @@ cosine learning-rate decay. Algorithms (``ALGOS``):
     action of an episode gets the group-normalised outcome advantage ``(R_i - mean_g R)/(std_g R + eps)``;
     the KL enters the *loss* (not the reward) through the per-step ``k3`` estimator
     ``k3 = pi_ref/pi - log(pi_ref/pi) - 1`` (Schulman's k3, as in DeepSeekMath), one on-policy update per
-    batch. Note: ``E_{a~pi}[grad k3] = pi - pi_ref`` per state, which is *not* ``grad KL(pi||pi_ref)``,
-    and the std normalisation rescales the reward, so GRPO's fixed point is not ``pi*``.
+    batch. Note: ``E_{a~pi}[grad k3] = pi - pi_ref`` per state, the gradient of the *forward*
+    ``KL(pi_ref || pi)``, not of ``KL(pi || pi_ref)``, and the std normalisation rescales the reward,
+    so GRPO's fixed point is not ``pi*`` (ablations: ``grpo_kl="reward"``, ``grpo_std_normalize=False``).
 ``ppo_clip`` / ``ppo_kl``
     PPO with the clipped surrogate ``min(rho A, clip(rho, 1-eps, 1+eps) A)``, GAE(lambda) advantages
     from a learned tabular critic, normalised per batch, ``epochs`` full-batch updates per rollout.
@@ -137,6 +138,8 @@ class AlgoConfig:
     epochs: int = 4
     gae_lambda: float = 0.95
     normalize_advantages: bool = True
+    grpo_kl: str = "k3_loss"          # "k3_loss" (GRPO) or "reward" (k1 penalty in the outcome)
+    grpo_std_normalize: bool = True   # divide by the group std (GRPO) or not (Dr. GRPO)
     eval_every: int = 0  # 0: steps // 50
 
     def validate(self) -> None:
@@ -160,6 +163,8 @@ class AlgoConfig:
             raise ValueError(f"adam_b2: expected 0 < adam_b2 < 1, got {self.adam_b2}")
         if not 0 <= self.gae_lambda <= 1:
             raise ValueError(f"gae_lambda: expected 0 <= gae_lambda <= 1, got {self.gae_lambda}")
+        if self.grpo_kl not in ("k3_loss", "reward"):
+            raise ValueError(f"grpo_kl: expected 'k3_loss' or 'reward', got {self.grpo_kl!r}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every: expected >= 0, got {self.eval_every}")
 
@@ -536,7 +541,14 @@ def grpo_loss(params: dict, prob: Problem, cfg: AlgoConfig, horizon: Optional[in
               T: int, key: Array) -> Array:
     """GRPO: ``-mean_{i,t} [rho_{i,t} Â_i - beta k3_{i,t}]``, ``rho = pi/stop_grad(pi)`` (on-policy),
     ``Â_i = (R_i - mean_g R)/(std_g R + 1e-6)`` within groups sharing ``s_0``,
-    ``R_i = sum_t gamma^t r_t``, ``k3 = pi_ref/pi - log(pi_ref/pi) - 1`` (KL in the loss)."""
+    ``R_i = sum_t gamma^t r_t``, ``k3 = pi_ref/pi - log(pi_ref/pi) - 1`` (KL in the loss).
+
+    On-policy, ``E_{a~pi}[grad k3] = pi - pi_ref`` = the gradient of the *forward* KL(pi_ref || pi),
+    not of KL(pi || pi_ref). Ablations: ``grpo_kl="reward"`` puts the k1 penalty in the outcome
+    instead (``R_i = sum_t gamma^t (r_t - beta log(pi/pi_ref)(a_t|s_t))``, no KL loss);
+    ``grpo_std_normalize=False`` drops the std (Dr. GRPO). With both, the update is REINFORCE with
+    a group-mean baseline on the regularized return, whose fixed point is ``pi*``.
+    """
     del horizon
     k0, ke = jax.random.split(key)
     groups = cfg.episodes // cfg.group_size
@@ -545,12 +557,19 @@ def grpo_loss(params: dict, prob: Problem, cfg: AlgoConfig, horizon: Optional[in
     ep = sample_episodes(ke, jax.lax.stop_gradient(params["logits"]), prob, cfg.episodes, T, s0=s0)
     logp = _gather(jax.nn.log_softmax(params["logits"], -1), ep)
     lref = _gather(prob.ref_log, ep)
-    R = (ep.rewards * prob.gamma ** jnp.arange(T)).sum(1).reshape(groups, cfg.group_size)
-    adv = ((R - R.mean(1, keepdims=True)) / (R.std(1, keepdims=True) + 1e-6)).reshape(-1)
+    r = ep.rewards
+    if cfg.grpo_kl == "reward":
+        r = r - cfg.kl_coef * jax.lax.stop_gradient(logp - lref)
+    R = (r * prob.gamma ** jnp.arange(T)).sum(1).reshape(groups, cfg.group_size)
+    adv = R - R.mean(1, keepdims=True)
+    if cfg.grpo_std_normalize:
+        adv = adv / (R.std(1, keepdims=True) + 1e-6)
+    adv = adv.reshape(-1)
     rho = jnp.exp(logp - jax.lax.stop_gradient(logp))
     log_r = lref - logp
     k3 = jnp.exp(log_r) - log_r - 1.0
-    return -jnp.mean(rho * adv[:, None] - cfg.kl_coef * k3)
+    kl_loss = cfg.kl_coef * k3 if cfg.grpo_kl == "k3_loss" else 0.0
+    return -jnp.mean(rho * adv[:, None] - kl_loss)
 
 
 def _ppo_update(params: dict, opt_state: Any, opt: optax.GradientTransformation, prob: Problem,
@@ -721,36 +740,51 @@ def _summarise(history: dict[str, Any]) -> dict[str, Any]:
 def run(env: EnvConfig, algos: Sequence[str], seed: int, steps: Optional[int] = None,
         overrides: Optional[dict[str, Any]] = None, log: Callable[[str], None] = lambda s: None,
         ) -> dict[str, Any]:
-    """Train every algorithm of ``algos`` on the same MDPs from ``seed``; JSON-ready result dict."""
+    """Train every algorithm of ``algos`` (default hyperparameters, ``steps``/``overrides`` applied
+    to all) on the same MDPs from ``seed``; JSON-ready result dict (see :func:`run_configs`)."""
     env.validate()
     for a in algos:
         if a not in ALGOS:
             raise ValueError(f"algo: expected one of {ALGOS} or 'all', got {a!r}")
     overrides = dict(overrides or {})
-    cfgs = [default_algo_config(a, env.beta, steps=steps, **overrides) for a in algos]
+    cfgs = [(a, default_algo_config(a, env.beta, steps=steps, **overrides)) for a in algos]
+    result = run_configs(env, cfgs, seed, log=log)
+    result["config"]["steps"] = steps
+    return result
+
+
+def run_configs(env: EnvConfig, configs: Sequence[tuple[str, AlgoConfig]], seed: int,
+                log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Train each ``(label, config)`` on the MDPs of ``seed`` (all runs see the same MDPs; runs of
+    one algorithm share their sampling keys). Returns ``{"config": ..., "runs": {label: {"config",
+    "history", "final", "wall_s"}}}`` with NaN/inf as None."""
+    env.validate()
+    labels = [lab for lab, _ in configs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"configs: expected unique labels, got {labels}")
+    for _, c in configs:
+        c.validate()
     _, _, problem = make_problem(env, seed)
     result: dict[str, Any] = {
-        "config": {"algos": list(algos), "seed": int(seed), "steps": steps,
-                   "env": dataclasses.asdict(env),
-                   "hyperparameters": {c.algo: dataclasses.asdict(c) for c in cfgs},
+        "config": {"algos": labels, "seed": int(seed), "env": dataclasses.asdict(env),
+                   "hyperparameters": {lab: dataclasses.asdict(c) for lab, c in configs},
                    "versions": {"jax": jax.__version__, "optax": optax.__version__}},
         "runs": {},
     }
     root = jax.random.key(int(seed))
-    with jax.enable_x64(True):
-        for cfg in cfgs:
-            t0 = time.perf_counter()
-            key = jax.random.fold_in(jax.random.fold_in(root, 2), ALGOS.index(cfg.algo))
-            history, _ = train_algorithm(problem, env, cfg, key)
-            run_out = _summarise(history)
-            run_out["config"] = dataclasses.asdict(cfg)
-            run_out["wall_s"] = time.perf_counter() - t0
-            result["runs"][cfg.algo] = run_out
-            f = run_out["final"]
-            log(f"{cfg.algo:>13s}  steps={cfg.steps}  worst|err|={f['worst_abs_error']:.3g}  "
-                f"mean|err|={f['mean_abs_error']:.3g}  pearson={f['pearson']:.4f}  "
-                f"spearman={f['spearman']:.4f}  beta_eff={f['beta_eff']:.3g}  "
-                f"resid={f['beta_eff_residual']:.3g}  ({run_out['wall_s']:.1f}s)")
+    for label, cfg in configs:
+        t0 = time.perf_counter()
+        key = jax.random.fold_in(jax.random.fold_in(root, 2), ALGOS.index(cfg.algo))
+        history, _ = train_algorithm(problem, env, cfg, key)
+        run_out = _summarise(history)
+        run_out["config"] = dataclasses.asdict(cfg)
+        run_out["wall_s"] = time.perf_counter() - t0
+        result["runs"][label] = run_out
+        f = run_out["final"]
+        log(f"{label:>13s}  steps={cfg.steps}  worst|err|={f['worst_abs_error']:.3g}  "
+            f"mean|err|={f['mean_abs_error']:.3g}  pearson={f['pearson']:.4f}  "
+            f"spearman={f['spearman']:.4f}  beta_eff={f['beta_eff']:.3g}  "
+            f"resid={f['beta_eff_residual']:.3g}  ({run_out['wall_s']:.1f}s)")
     return _clean(result)
 
 

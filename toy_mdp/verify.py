@@ -73,7 +73,8 @@ def make_groups(num_mdps: int, seed: int, num_states: int = 30, num_actions: int
         gammas[0] = 0.99 if H is None else 1.0
         mdp = TabularMDP(base.transitions, base.rewards, gammas, H)
         min_probs = np.array([1e-8, 1e-4, 0.3])[np.arange(n) % 3]
-        zeros = np.where(np.arange(n) % 2 == 0, 0, min(2, num_actions - 1))
+        # exact zeros in every other MDP, always leaving >= 2 actions (a choice) per state
+        zeros = np.where(np.arange(n) % 2 == 0, 0, min(2, num_actions - 2))
         ref = np.stack([random_reference_policy(int(rng.integers(2 ** 31)), num_states, num_actions,
                                                 min_prob=float(mp), num_zeros=int(z), horizon=H)
                         for mp, z in zip(min_probs, zeros)])
@@ -128,6 +129,7 @@ def monte_carlo_k_advantage(mdp: TabularMDP, policy: np.ndarray, advantage: np.n
     return total.mean(-1), total.std(-1, ddof=1) / np.sqrt(num_samples)
 
 
+@np.errstate(invalid="ignore", divide="ignore")  # -inf - -inf on masked entries (selected away)
 def run_checks(num_mdps: int = 500, seed: int = 0, *, num_states: int = 30, num_actions: int = 10,
                mc_mdps: int = 4, mc_samples: int = 2000,
                log: Optional[Callable[[str], None]] = None) -> list[Check]:
@@ -211,7 +213,10 @@ def run_checks(num_mdps: int = 500, seed: int = 0, *, num_states: int = 30, num_
         if g.deterministic:
             add("posterior_det", diff)
         else:
-            add("posterior_sto", diff)
+            # in advantage units (beta log pi_post / pi* = A_post - A*): comparable across beta
+            add("posterior_sto", flat(np.where(live, np.abs(post.advantage - sol.advantage),
+                                               0.0)).max(-1))
+            add("posterior_sto_pi", diff)
             add("posterior_prop1", _prop1_errors(g, post.log_policy))
             j_post = regularized_return(mdp, post.policy, ref, beta)
             add("posterior_regret", (j_star - j_post) / scale)
@@ -241,13 +246,14 @@ def run_checks(num_mdps: int = 500, seed: int = 0, *, num_states: int = 30, num_
         Check(f"5. k-advantage telescopes (exact, k in {K_VALUES}), / (1 + max|Q*|)",
               mx("k_exact"), 1e-11),
         Check("5. k-advantage Monte Carlo (k in (2, 5)): max |z| = |MC - exact| / s.e.",
-              mx("k_mc"), 5.0, detail=f"max |MC - exact| {mx('k_mc_abs'):.3g}, "
+              mx("k_mc"), 6.0, detail=f"max |MC - exact| {mx('k_mc_abs'):.3g}, "
               f"{mc_samples} samples per (s, a)"),
         Check("6. trajectory posterior = pi* on deterministic MDPs: max |diff|",
               mx("posterior_det"), 1e-9),
-        Check("6. trajectory posterior != pi* on stochastic MDPs: min max |diff|",
+        Check("6. trajectory posterior != pi* on stochastic MDPs: min max |A_post - A*|",
               mn("posterior_sto"), 1e-6, kind="min",
-              detail=f"median {md('posterior_sto'):.3g} over {n_sto} MDPs"),
+              detail=f"median {md('posterior_sto'):.3g} over {n_sto} MDPs; max |pi_post - pi*| "
+                     f"median {md('posterior_sto_pi'):.3g}"),
         Check("6. (info) Prop. 1 error of the posterior policy, stochastic: median",
               md("posterior_prop1"), float("nan"), kind="info",
               detail=f"max {mx('posterior_prop1'):.3g}, min {mn('posterior_prop1'):.3g}"),
@@ -290,6 +296,9 @@ def main(num_mdps: int = 500, seed: int = 0, json_path: Optional[str] = None, *,
     """Run the report, print it, optionally write JSON; return 0 iff every check passes."""
     if num_mdps < 4:
         raise ValueError(f"--num-mdps: expected >= 4 (one per group), got {num_mdps}")
+    if num_states < 2 or num_actions < 2:
+        raise ValueError(f"--states, --actions: expected >= 2 (check 6 needs a choice and a "
+                         f"random next state), got {num_states}, {num_actions}")
     say = (lambda m: None) if quiet else (lambda m: print(m, flush=True))
     t0 = time.perf_counter()
     say(f"Proposition 1 verification: {num_mdps} random MDPs (S={num_states}, A={num_actions}), "

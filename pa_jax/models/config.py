@@ -312,7 +312,9 @@ def _rope_table(hf: dict[str, Any], mt: str, layer_types: tuple[str, ...]) -> tu
         per_type.setdefault("full_attention", {"rope_type": "default"})
         per_type.setdefault("sliding_attention", {"rope_type": "default"})
         per_type["full_attention"].setdefault("rope_theta", top_theta if top_theta is not None else default_global)
-        local_theta = hf.get("rope_local_base_freq") if mt == "gemma3_text" else top_theta
+        # olmo3: transformers 5.23 pops a top-level rope_theta for the full-attention layers, so the sliding
+        # layers of an old-layout config.json get default_theta (500k); we reproduce that.
+        local_theta = hf.get("rope_local_base_freq") if mt == "gemma3_text" else None
         per_type["sliding_attention"].setdefault("rope_theta", local_theta if local_theta is not None else default_local)
     else:
         flat = dict(scaling or rp or {})

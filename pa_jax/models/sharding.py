@@ -53,6 +53,11 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     (r".*\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight", P(MODEL, DATA)),
     (r".*\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.bias", P(MODEL)),
     (r".*\.(o_proj|down_proj)\.weight", P(DATA, MODEL)),
+    # issue 7: Gemma 4's per-layer embedding table (2.8e9 params at E4B, only gathered from): vocab rows split
+    # over every device; its projections and Qwen 3.5's Gated DeltaNet projections like the others.
+    (r"(.*\.)?embed_tokens_per_layer\.weight", P((DATA, MODEL))),
+    (r".*(per_layer_model_projection|per_layer_input_gate|in_proj_qkv|in_proj_z)\.weight", P(MODEL, DATA)),
+    (r".*\.(per_layer_projection|out_proj)\.weight", P(DATA, MODEL)),
     (r".*", P()),
 )
 """(regex fully matching a dotted parameter path, PartitionSpec in HF layout); first match wins."""
