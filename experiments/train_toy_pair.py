@@ -2,8 +2,8 @@
 
     python experiments/train_toy_pair.py --seed 0 --out pa_jax/assets/toy_pair
 
-Environment: :mod:`toy_mdp.text_env` (stepping stones, 4 commands of 4 tokens, 2 outcomes each; every
-history enumerable). Model: a 2-layer llama decoder of width 64 (``pa_jax.models.Decoder``), word-level
+Environment: :mod:`toy_mdp.text_env` (stepping stones: 3 commands of 3-4 tokens, 2 outcomes each, a
+horizon of ``--horizon`` commands; every history enumerable). Model: a 2-layer llama decoder of width 64 (``pa_jax.models.Decoder``), word-level
 tokenizer.
 
 1. Reference (SFT): fresh trajectories of a fixed, position-dependent behaviour policy each step;
@@ -44,7 +44,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from toy_mdp import text_env as te  # noqa: E402
 
-DEFAULT_BETA = 0.1
+DEFAULT_BETA = 0.5
+DEFAULT_HORIZON = 3
+DEFAULT_SFT_STEPS = 300
+DEFAULT_RL_STEPS = 400
+DEFAULT_RL_LR = 3e-3
 
 # behaviour policy of the SFT data: P(command | position), commands (walk ahead, jump, walk back)
 BEHAVIOUR = np.array([
@@ -168,17 +172,18 @@ def proposition1_report(tree, pol_lp, ref_lp, beta) -> dict:
     err = np.abs(pred - adv)
     return {"pearson_weighted": weighted_pearson(pred, adv, w), "mean_abs_err_weighted": float((w * err).sum() / w.sum()),
             "pearson_all_pairs": float(np.corrcoef(pred, adv)[0, 1]),
-            "max_abs_err_visited_1e-3": float(err[w > 1e-3].max())}
+            "max_abs_err_visited_1e-3": float(err[w > 1e-3].max()) if np.any(w > 1e-3) else float("nan")}
 
 
-def train(seed: int = 0, *, beta: float = DEFAULT_BETA, sft_steps: int = 400, sft_batch: int = 64,
-          sft_lr: float = 3e-3, rl_steps: int = 300, rl_lr: float = 3e-3, log_every: int = 25,
+def train(seed: int = 0, *, beta: float = DEFAULT_BETA, sft_steps: int = DEFAULT_SFT_STEPS, sft_batch: int = 64,
+          sft_lr: float = 3e-3, rl_steps: int = DEFAULT_RL_STEPS, rl_lr: float = DEFAULT_RL_LR, rl_clip: float = 1.0,
+          log_every: int = 25,
           env: te.SteppingStones | None = None, verbose: bool = True):
     """Returns ``(config, reference_model, policy_model, env, history)``."""
     from pa_jax.models.config import ModelConfig
     from pa_jax.models.decoder import Decoder
 
-    env = env or te.SteppingStones()
+    env = env or te.SteppingStones(horizon=DEFAULT_HORIZON)
     tree = te.build_tree(env)
     tt = te.tree_tokens(env, tree)
     hf = model_hf_config(len(env.vocab()), max_positions=int(2 ** np.ceil(np.log2(tt.ids.shape[1]))))
@@ -228,31 +233,35 @@ def train(seed: int = 0, *, beta: float = DEFAULT_BETA, sft_steps: int = 400, sf
     pos = [jnp.asarray(np.maximum(p - 1, 0)) for p in tt.pos]
     pmask = [jnp.asarray(m) for m in tt.pos_mask]
 
-    def action_lp(p):
-        lp = tok_lp(p, ids, mask)
-        return [jnp.sum(jnp.where(m, lp[r[:, :, None], q], 0.0), axis=-1) for r, q, m in zip(row, pos, pmask)]
+    # tree data travel as jit arguments (as closure constants XLA would try to constant-fold them)
+    data = {"ids": ids, "mask": mask, "row": row, "pos": pos, "pmask": pmask, "tree": tarr}
+
+    def action_lp(p, d):
+        lp = tok_lp(p, d["ids"], d["mask"])
+        return [jnp.sum(jnp.where(m, lp[r[:, :, None], q], 0.0), axis=-1) for r, q, m in zip(d["row"], d["pos"], d["pmask"])]
 
     action_lp_jit = jax.jit(action_lp)
-    ref_lp = [jax.lax.stop_gradient(x) for x in action_lp_jit(ref_params)]
+    ref_lp = [jax.lax.stop_gradient(x) for x in action_lp_jit(ref_params, data)]
     ref_np = [np.asarray(x, np.float64) for x in ref_lp]
     stop_mass = max(float((-np.expm1(te._logsumexp(r, 1))).max()) for r in ref_np)
     log(f"reference: max invalid-command mass over histories {stop_mass:.2e}")
 
-    opt = optax.adam(optax.warmup_cosine_decay_schedule(0.0, rl_lr, min(20, rl_steps - 1), rl_steps, rl_lr * 0.05))
+    opt = optax.chain(optax.clip_by_global_norm(rl_clip),
+                      optax.adam(optax.warmup_cosine_decay_schedule(0.0, rl_lr, min(20, rl_steps - 1), rl_steps, rl_lr * 0.05)))
     opt_state = opt.init(params)
 
     @jax.jit
-    def rl_step(params, opt_state):
-        J, g = jax.value_and_grad(lambda p: regularized_return(action_lp(p), ref_lp, tarr, beta))(params)
+    def rl_step(params, opt_state, d, ref_lp):
+        J, g = jax.value_and_grad(lambda p: regularized_return(action_lp(p, d), ref_lp, d["tree"], beta))(params)
         upd, opt_state = opt.update(jax.tree.map(lambda x: -x, g), opt_state, params)
         return optax.apply_updates(params, upd), opt_state, J
 
     t0 = time.time()
     for step in range(rl_steps):
-        params, opt_state, J = rl_step(params, opt_state)
+        params, opt_state, J = rl_step(params, opt_state, data, ref_lp)
         history["rl_objective"].append(float(J))
         if step % log_every == 0 or step == rl_steps - 1:
-            rep = proposition1_report(tree, [np.asarray(x) for x in action_lp_jit(params)], ref_np, beta)
+            rep = proposition1_report(tree, [np.asarray(x) for x in action_lp_jit(params, data)], ref_np, beta)
             rep["step"] = step
             history["rl_report"].append(rep)
             log(f"rl {step:4d} J {float(J):.5f} pearson_w {rep['pearson_weighted']:.4f} "
@@ -281,13 +290,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--beta", type=float, default=DEFAULT_BETA)
-    ap.add_argument("--sft-steps", type=int, default=400)
-    ap.add_argument("--rl-steps", type=int, default=300)
+    ap.add_argument("--horizon", type=int, default=DEFAULT_HORIZON)
+    ap.add_argument("--goal", type=int, default=3)
+    ap.add_argument("--sft-steps", type=int, default=DEFAULT_SFT_STEPS)
+    ap.add_argument("--rl-steps", type=int, default=DEFAULT_RL_STEPS)
+    ap.add_argument("--rl-lr", type=float, default=DEFAULT_RL_LR)
     ap.add_argument("--out", default=None, help="write the pair here (e.g. pa_jax/assets/toy_pair)")
     args = ap.parse_args(argv)
-    config, ref, pol, env, hist = train(args.seed, beta=args.beta, sft_steps=args.sft_steps, rl_steps=args.rl_steps)
+    env = te.SteppingStones(horizon=args.horizon, goal=args.goal)
+    config, ref, pol, env, hist = train(args.seed, beta=args.beta, sft_steps=args.sft_steps, rl_steps=args.rl_steps,
+                                        rl_lr=args.rl_lr, env=env)
     if args.out:
         meta = {"beta": args.beta, "seed": args.seed, "sft_steps": args.sft_steps, "rl_steps": args.rl_steps,
+                "rl_lr": args.rl_lr,
                 "env": {"horizon": env.horizon, "goal": env.goal, "stop_value": env.stop_value},
                 "behaviour_policy": BEHAVIOUR.tolist(), "optimal_objective": hist["optimal_objective"],
                 "final_objective": hist["rl_objective"][-1], "final_report": hist["rl_report"][-1],

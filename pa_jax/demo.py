@@ -59,6 +59,7 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -263,9 +264,13 @@ def run_demo(out_dir: str | os.PathLike, *, seed: int = 0, num_rollouts: int = 1
         "policy_invalid_command_mass_max": invalid_mass,
         "success_rate": float(success.mean()),
         "proposition1": prop1, "uq": uq, "bon": bon_summary, "fa": fa,
-        "targets": {"pearson_sum_ge_0.95": prop1["aggregations"]["sum"]["pearson"] >= 0.95,
-                    "pa_auroc_gt_policy_logprob": uq["progress_adv(token=sum,step=sum)"]["auroc"]
-                    > max(uq["policy_logprob(token=mean,step=mean)"]["auroc"], uq["policy_logprob(token=sum,step=sum)"]["auroc"])},
+        "targets": {
+            "pearson_sum_ge_0.95": prop1["aggregations"]["sum"]["pearson"] >= 0.95,
+            # same aggregation on both sides: the paper's default (token mean, step mean) and the exact sum
+            "pa_auroc_gt_policy_logprob": all(
+                uq[f"progress_adv(token={a},step={a})"]["auroc"] > uq[f"policy_logprob(token={a},step={a})"]["auroc"]
+                for a in ("mean", "sum")),
+        },
     }
     results["wall_seconds"] = time.time() - t_start
     _atomic_write(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
@@ -309,7 +314,7 @@ def summary_table(r: dict) -> str:
         lines.append(f"  {name:<40}{v:>7.3f}")
     t = r["targets"]
     lines += ["", f"targets: Pearson(sum) >= 0.95: {'PASS' if t['pearson_sum_ge_0.95'] else 'FAIL'}; "
-              f"progress-advantage AUROC > policy log-prob AUROC: {'PASS' if t['pa_auroc_gt_policy_logprob'] else 'FAIL'}"]
+              f"progress-advantage AUROC > policy log-prob AUROC (mean/mean and sum/sum): {'PASS' if t['pa_auroc_gt_policy_logprob'] else 'FAIL'}"]
     return "\n".join(lines)
 
 

@@ -112,6 +112,7 @@ class Batch:
     length: int
     num_positions: int
     num_rows: int  # padded row count (a power of two, multiple of the data axis)
+    chunked: bool = False  # single-trajectory rows run in attention chunks (see `chunked_forward`)
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ def make_plan(
     order = sorted(range(len(rendered)), key=lambda i: (-lengths[i], i))
     rows: list[list[int]] = []
     if options.pack and can_pack and prefix == 0:
-        cap_len = options.pack_length
+        cap_len = min(options.pack_length, options.attention_chunk) if can_share_prefix else options.pack_length
         fill: list[int] = []
         for i in order:
             if lengths[i] > cap_len // 2:
@@ -224,7 +225,7 @@ def make_plan(
     def row_len(row):
         n = _bucket(sum(lengths[i] for i in row), options.bucket_lengths)
         c = options.attention_chunk
-        return n if (n <= c or not can_share_prefix) else -(-n // c) * c
+        return n if (n <= c or not can_share_prefix or len(row) > 1) else -(-n // c) * c
 
     keyed = sorted(((row_len(row), row) for row in rows), key=lambda x: (-x[0], x[1][0]))
     batches: list[Batch] = []
@@ -240,7 +241,8 @@ def make_plan(
         nrows = min(per, max(data_parallel, _pow2(len(group))))
         nrows = -(-nrows // data_parallel) * data_parallel
         npmax = max(sum(npos[i] for i in row) for row in group)
-        batches.append(Batch(len(batches), tuple(group), length, max(16, _pow2(max(npmax, 1))), nrows))
+        chunked = can_share_prefix and length > options.attention_chunk and all(len(r) == 1 for r in group)
+        batches.append(Batch(len(batches), tuple(group), length, max(16, _pow2(max(npmax, 1))), nrows, chunked))
     return Plan(prefix, tuple(batches))
 
 
@@ -366,21 +368,21 @@ def _build_program(policy, reference, *, top_k: int, vocab_chunk: int, token_blo
         gr, _ = nnx.split(rmodel)
     kw = dict(top_k=top_k, vocab_chunk=vocab_chunk, token_block=token_block)
 
-    def hidden(g, state, ids, mask, seg, pos, kv):
+    def hidden(g, state, ids, mask, seg, pos, kv, chunked):
         m = nnx.merge(g, state)
-        if chunk is not None and ids.shape[1] > chunk:
+        if chunked:
             h = chunked_forward(m, ids, mask, kv, chunk)
         else:
             h = m(ids, mask, segment_ids=seg if use_seg else None, kv_prefix=kv)
         return gather_positions(h, pos), m.unembedding()
 
-    def program(sp, sr, ids, mask, seg, pos, tgt, kvp, kvr):
-        ph, pw = hidden(gp, sp, ids, mask, seg, pos, kvp)
+    def program(sp, sr, ids, mask, seg, pos, tgt, kvp, kvr, chunked):
+        ph, pw = hidden(gp, sp, ids, mask, seg, pos, kvp, chunked)
         out = {}
         if reference is None:
             ps = head_statistics(ph, pw, tgt, softcap=pcfg.final_logit_softcap, **kw)
         else:
-            rh, rw = hidden(gr, sr, ids, mask, seg, pos, kvr)
+            rh, rw = hidden(gr, sr, ids, mask, seg, pos, kvr, chunked)
             if same_vocab:
                 ps, rs, kl = paired_head_statistics(ph, pw, rh, rw, tgt, policy_softcap=pcfg.final_logit_softcap,
                                                     reference_softcap=rcfg.final_logit_softcap, **kw)
@@ -393,7 +395,7 @@ def _build_program(policy, reference, *, top_k: int, vocab_chunk: int, token_blo
                    policy_mean_logprob=ps.mean_logprob, policy_topk=ps.topk_logprobs)
         return out
 
-    return jax.jit(program)
+    return jax.jit(program, static_argnames=("chunked",))
 
 
 def _prefix_kv(model, ids: np.ndarray):
@@ -580,7 +582,7 @@ def score_rendered(
             ids, mask, seg, pos, tgt, valid, where = _batch_arrays(rendered, b, plan.prefix_length, pad_id)
             dev = [ids, mask, seg, pos, tgt]
             dev = [jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x) for x in dev]
-            out = prog(sp, sr, *dev, kvp, kvr)
+            out = prog(sp, sr, *dev, kvp, kvr, chunked=b.chunked)
             out = {k: np.asarray(v) for k, v in out.items()}
             batch_stats = {}
             for i, (r, sl) in where.items():

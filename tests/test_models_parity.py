@@ -200,6 +200,7 @@ def test_left_right_padding_and_packing_agree(converted):
     ids[2, :5], mask[2, :5] = b, 1  # b, right padded
     ids[3] = np.concatenate([a, b])  # packed row [a | b]: segments 1 and 2, positions restarting
     mask[3] = 1
+    ids[0, 7:], ids[1, : T - 7] = 10**6, -3  # padding may hold anything, even out-of-range ids
     seg = np.ones((4, T), np.int64)  # one segment per row except the packed one
     seg[3, 7:] = 2
     h = np.asarray(run(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(seg)))
@@ -235,6 +236,13 @@ def test_kv_prefix_equals_full_forward(case, converted):
     for r in range(3):
         n = int(smask[r].sum())
         np.testing.assert_allclose(hs[r][smask[r].astype(bool)], hfull[r, P_: P_ + n], atol=1e-5, rtol=0)
+    if case == "olmo3-sliding-yarn":  # token_logprobs continues the prefix the same way
+        lp = np.asarray(models.token_logprobs(cfg, model, suffix, smask, kv_prefix=cache))
+        lp_full = np.asarray(models.token_logprobs(cfg, model, full, fmask))
+        for r in range(3):
+            n = int(smask[r].sum())
+            ok = (smask[r, :-1] * smask[r, 1:]).astype(bool)
+            np.testing.assert_allclose(lp[r][ok], lp_full[r, P_: P_ + n - 1], atol=1e-5)
 
 
 def test_token_logprobs_matches_transformers(converted):

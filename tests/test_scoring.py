@@ -83,7 +83,7 @@ def test_engine_matches_torch(pair, tok, shared_system):
     rendered = [render(t, tok) for t in _trajs(6, shared_system)]
     # shared system prompt: prefix KV reuse + rows run in 128-query chunks; otherwise packed rows
     opts = ScoringOptions(top_k=5, max_batch_tokens=256, min_prefix=16, bucket_lengths=(256, 512), pack_length=512,
-                          attention_chunk=128)
+                          attention_chunk=128 if shared_system else 512)
     res = score_rendered(rendered, pair["policy"], pair["reference320"], options=opts, pad_id=2)
     if shared_system:
         assert res.plan.prefix_length >= 16 and all(b.length > 128 for b in res.plan.batches)
@@ -115,7 +115,7 @@ def test_different_embedding_sizes_same_tokenizer(pair, tok):
 
 def test_interrupted_run_resumes_identically(pair, tok, tmp_path):
     rendered = [render(t, tok) for t in _trajs(6, False)]
-    opts = ScoringOptions(top_k=5, max_batch_tokens=256, pack=False, bucket_lengths=(256,))
+    opts = ScoringOptions(top_k=5, max_batch_tokens=256, pack=False, bucket_lengths=(256,), attention_chunk=128)
     full = score_rendered(rendered, pair["policy"], pair["reference320"], options=opts, pad_id=2)
     assert len(full.plan.batches) >= 4
 

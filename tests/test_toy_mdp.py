@@ -441,7 +441,9 @@ def test_float64_inside_float32_outside():
     assert jnp.zeros(1).dtype == jnp.float32
     mdp = toy_mdp.random_mdp(0, 4, 2, gamma=0.9)
     ref = toy_mdp.random_reference_policy(1, 4, 2)
-    sol = toy_mdp.solve_kl_regularized(mdp, ref, 1.0)
+    sol, info = toy_mdp.solve_kl_regularized(mdp, ref, 1.0, return_info=True)
+    assert toy_mdp.Solution._fields == ("q", "v", "policy", "log_policy", "advantage")
+    assert 1 <= int(info.iterations) <= 100 and float(info.residual) <= 1e-10
     assert sol.q.dtype == np.float64 and sol.policy.dtype == np.float64
     toy_mdp.evaluate_policy(mdp, sol.policy, ref, 1.0)
     toy_mdp.progress_k_advantage(mdp, sol, 3)

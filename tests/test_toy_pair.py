@@ -86,6 +86,42 @@ def test_shipped_pair_meets_proposition1_target(shipped):
     assert sol.v[0][0] - j_pol < 0.02
 
 
+def _weighted_auroc(score, label, w):
+    """P(score of a success > score of a failure) (+1/2 on ties), successes and failures weighted by w."""
+    pos, neg = label == 1, label == 0
+    d = score[pos][:, None] - score[neg][None, :]
+    ww = w[pos][:, None] * w[neg][None, :]
+    return float(((d > 1e-12) * ww + 0.5 * (np.abs(d) <= 1e-12) * ww).sum() / ww.sum())
+
+
+def test_shipped_pair_meets_uq_target_exactly(shipped):
+    """Population AUROC over every complete trajectory, weighted by its probability under the policy
+    (commands renormalized over the valid ones, as the demo samples): progress advantage beats the
+    policy log-prob with the same aggregation."""
+    beta, tree, env = shipped["meta"]["beta"], shipped["tree"], shipped["env"]
+    ref_lp, pol_lp = shipped["reference"][3], shipped["policy"][3]
+    H = tree.horizon
+    acts, outs = tree.actions[H], tree.outcomes[H]
+    n_tok = np.array([len(c.text.split()) for c in env.commands])
+    w = np.ones(len(acts))
+    pa_sum, pa_mean, lp_sum, lp_mean = (np.zeros(len(acts)) for _ in range(4))
+    h = np.zeros(len(acts), np.int64)
+    for t in range(H):
+        a, o = acts[:, t], outs[:, t]
+        norm = pol_lp[t] - np.log(np.exp(pol_lp[t]).sum(1, keepdims=True))
+        w *= np.exp(norm[h, a]) * tree.prob[t][h, a, o]
+        ratio = beta * (pol_lp[t][h, a] - ref_lp[t][h, a])
+        pa_sum += ratio
+        pa_mean += ratio / n_tok[a] / H
+        lp_sum += pol_lp[t][h, a]
+        lp_mean += pol_lp[t][h, a] / n_tok[a] / H
+        h = tree.child[t][h, a, o]
+    np.testing.assert_allclose(w.sum(), 1.0, atol=1e-9)
+    y = tree.terminal_reward[h].astype(int)
+    assert _weighted_auroc(pa_sum, y, w) > _weighted_auroc(lp_sum, y, w)
+    assert _weighted_auroc(pa_mean, y, w) > _weighted_auroc(lp_mean, y, w)
+
+
 def _hf_logprobs(model, ids, mask):
     import torch
 
@@ -117,8 +153,8 @@ def test_transformers_loads_pair_and_agrees(shipped, name, tmp_path):
     ids[:8, 20:] = 0
     want = _hf_logprobs(hf, ids, mask)
     valid = mask[:, 1:] > 0
-    # unpadded rows: the tree batch scored by the fixture agrees too
-    assert np.max(np.abs(shipped[name][2][rows[8:]] - want[8:])) < 1e-4
+    # rows we did not pad further: the tree batch scored by the fixture agrees too
+    assert np.max(np.abs(shipped[name][2][rows[8:]] - want[8:])[valid[8:]]) < 1e-4
     got_padded = np.asarray(token_logprobs(shipped[name][0], shipped[name][1], ids, mask), np.float64)
     assert np.max(np.abs(got_padded - want)[valid]) < 1e-4
 

@@ -7,13 +7,13 @@ evaluator then run one ``jit(vmap(...))`` call.
 """
 from toy_mdp.mdp import (TabularMDP, check_distribution, check_reference_policy, random_mdp,
                          random_reference_policy, stack)
-from toy_mdp.solve import (KStepAdvantage, Solution, evaluate_policy, float64,
+from toy_mdp.solve import (KStepAdvantage, Solution, SolveInfo, evaluate_policy, float64,
                            progress_k_advantage, regularized_return, soft_improvement,
                            solve_kl_regularized, solve_trajectory_posterior, state_visitation,
                            value_iteration)
 
 __all__ = [
-    "KStepAdvantage", "Solution", "TabularMDP", "check_distribution", "check_reference_policy",
+    "KStepAdvantage", "Solution", "SolveInfo", "TabularMDP", "check_distribution", "check_reference_policy",
     "evaluate_policy", "float64", "progress_k_advantage", "random_mdp", "random_reference_policy",
     "regularized_return", "soft_improvement", "solve_kl_regularized", "solve_trajectory_posterior",
     "stack", "state_visitation", "value_iteration",

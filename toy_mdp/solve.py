@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from toy_mdp.mdp import TabularMDP, check_beta, check_reference_policy, _as_float64
+from toy_mdp.mdp import TabularMDP, check_beta, check_reference_policy
 
 Array = jax.Array
 
@@ -54,13 +54,17 @@ def float64() -> Iterator[None]:
 class Solution(NamedTuple):
     """A KL-regularized solution. ``[S, A]`` / ``[S]``; with a horizon ``[H, S, A]`` / ``[H, S]``
     (a batched MDP adds a leading ``[N]``). ``log_policy`` and ``advantage`` are ``-inf`` (and
-    ``policy`` is 0) where ``pi_ref = 0``. ``iterations``/``residual``: solver diagnostics
-    (``max |Q_k - Q_{k-1}|`` at stop; 0 for the exact backward induction)."""
+    ``policy`` is 0) where ``pi_ref = 0``."""
     q: np.ndarray
     v: np.ndarray
     policy: np.ndarray
     log_policy: np.ndarray
     advantage: np.ndarray
+
+
+class SolveInfo(NamedTuple):
+    """Solver diagnostics (``return_info=True``): policy-iteration steps and the last
+    ``max |Q_k - Q_{k-1}|`` (1 and 0 for the exact finite-horizon backward induction)."""
     iterations: np.ndarray
     residual: np.ndarray
 
@@ -378,14 +382,15 @@ def _log(p: np.ndarray) -> np.ndarray:
 
 
 def solve_kl_regularized(mdp: TabularMDP, ref_policy, beta, *, tol: float = DEFAULT_TOL,
-                         max_iter: int = DEFAULT_MAX_ITER) -> Solution:
+                         max_iter: int = DEFAULT_MAX_ITER, return_info: bool = False):
     """The optimal policy of the KL-regularized objective (module docstring), exactly.
 
     Discounted: soft policy iteration (:func:`soft_policy_iteration`) to ``tol``; finite horizon:
     exact backward induction (:func:`soft_backward_induction`), ``ref_policy`` ``[S, A]`` or
     time-dependent ``[H, S, A]``. Zeros in ``ref_policy`` give ``policy = 0`` and
     ``log_policy = advantage = -inf`` there. Batched MDPs (leading ``N``) are solved by one
-    ``jit(vmap(...))`` call; ``beta`` may then be ``[N]``. Returns NumPy float64 arrays.
+    ``jit(vmap(...))`` call; ``beta`` may then be ``[N]``. Returns a :class:`Solution` of NumPy
+    float64 arrays (``(Solution, SolveInfo)`` with ``return_info=True``).
     """
     ref = check_reference_policy(mdp, ref_policy)
     b = _per_mdp(mdp, check_beta(mdp, beta))
@@ -400,7 +405,8 @@ def solve_kl_regularized(mdp: TabularMDP, ref_policy, beta, *, tol: float = DEFA
         it, res = np.ones(mdp.batch_shape, np.int64), np.zeros(mdp.batch_shape)
     adv = q - v[..., None]
     adv = np.where(np.isneginf(log_pi), -np.inf, adv)
-    return Solution(q, v, _probs(log_pi), log_pi, adv, it, res)
+    sol = Solution(q, v, _probs(log_pi), log_pi, adv)
+    return (sol, SolveInfo(it, res)) if return_info else sol
 
 
 def _check_policy_support(mdp: TabularMDP, policy: np.ndarray, ref: np.ndarray) -> None:
@@ -460,7 +466,7 @@ def value_iteration(mdp: TabularMDP, *, action_mask=None, tol: float = 1e-12
 
 
 def solve_trajectory_posterior(mdp: TabularMDP, ref_policy, beta, *, tol: float = DEFAULT_TOL,
-                               max_iter: int = DEFAULT_MAX_ITER) -> Solution:
+                               max_iter: int = DEFAULT_MAX_ITER, return_info: bool = False):
     """The control-as-inference trajectory posterior policy (see
     :func:`trajectory_posterior_discounted`): equal to ``solve_kl_regularized`` on deterministic
     MDPs, different (optimistic about the environment) on stochastic ones."""
@@ -477,7 +483,8 @@ def solve_trajectory_posterior(mdp: TabularMDP, ref_policy, beta, *, tol: float 
                              _log(_time_indexed(mdp, ref)), b, g)
         it, res = np.ones(mdp.batch_shape, np.int64), np.zeros(mdp.batch_shape)
     adv = np.where(np.isneginf(log_pi), -np.inf, q - v[..., None])
-    return Solution(q, v, _probs(log_pi), log_pi, adv, it, res)
+    sol = Solution(q, v, _probs(log_pi), log_pi, adv)
+    return (sol, SolveInfo(it, res)) if return_info else sol
 
 
 def state_visitation(mdp: TabularMDP, policy) -> np.ndarray:

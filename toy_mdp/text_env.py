@@ -3,14 +3,16 @@
 The agent stands on stone 0 of a river and must be on stone ``goal`` (the far bank) after exactly
 ``horizon`` commands. Each command is a short word sequence (several tokens) and each has two outcomes:
 
-==================  ==============================================  ===============================
-command             succeeds                                         slips
-==================  ==============================================  ===============================
-``walk ahead .``    p = 0.8: one stone ahead (``moved <stone> .``)    stays (``slipped <stone> .``)
-``jump ahead .``    p = 0.5: two stones ahead (``landed <stone> .``)  back to stone 0 (``fell 0 .``)
-``walk back .``     p = 0.8: one stone back (``moved <stone> .``)     stays (``slipped <stone> .``)
-==================  ==============================================  ===============================
+======================  ==============================================  ===============================
+command                 succeeds                                         slips
+======================  ==============================================  ===============================
+``walk ahead .``        p = 0.8: one stone ahead (``moved <stone> .``)    stays (``slipped <stone> .``)
+``jump two stones .``   p = 0.5: two stones ahead (``landed <stone> .``)  back to stone 0 (``fell 0 .``)
+``walk back .``         p = 0.8: one stone back (``moved <stone> .``)     stays (``slipped <stone> .``)
+======================  ==============================================  ===============================
 
+Commands have 3 or 4 tokens (so the token-mean heuristic is not just a rescaled sum) and two of them share
+their first token.
 Positions are clipped to ``[0, goal]``. The reward is 1 if the agent is on the goal stone after the last
 command and 0 otherwise (a success reward at the end, nothing in between). A language model acting here
 emits token sequences; any sequence that is not one of the three commands is an *invalid command*, which
@@ -65,7 +67,7 @@ class Command:
 
 DEFAULT_COMMANDS: tuple[Command, ...] = (
     Command("walk ahead .", (Outcome(0.8, +1, "moved"), Outcome(0.2, 0, "slipped"))),
-    Command("jump ahead .", (Outcome(0.5, +2, "landed"), Outcome(0.5, None, "fell"))),
+    Command("jump two stones .", (Outcome(0.5, +2, "landed"), Outcome(0.5, None, "fell"))),
     Command("walk back .", (Outcome(0.8, -1, "moved"), Outcome(0.2, 0, "slipped"))),
 )
 
@@ -473,6 +475,7 @@ def _atomic_write_text(path: str, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

@@ -65,6 +65,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from toy_mdp.mdp import random_mdp, random_reference_policy
+from toy_mdp.solve import solve_kl_regularized
+
 Array = jax.Array
 
 ALGOS: tuple[str, ...] = ("exact_pg", "reinforce_kl", "grpo", "ppo_clip", "ppo_kl")
@@ -223,8 +226,6 @@ def problem_from_mdp(mdp, ref_policy, beta: float) -> Problem:
     ``ref_policy`` ``[M, S, A]`` or ``[M, H, S, A]`` must be strictly positive (the logits start at
     ``log pi_ref``; zero-probability actions cannot be trained).
     """
-    from toy_mdp.solve import solve_kl_regularized
-
     if not getattr(mdp, "batch_shape", ()):
         raise ValueError("mdp: expected a batched TabularMDP (leading [M] axis; toy_mdp.mdp.stack)")
     ref = np.asarray(ref_policy, dtype=np.float64)
@@ -235,6 +236,11 @@ def problem_from_mdp(mdp, ref_policy, beta: float) -> Problem:
     sol = solve_kl_regularized(mdp, ref, beta)
     h = mdp.horizon
     gamma = np.broadcast_to(np.asarray(mdp.gamma, np.float64), (M,)).copy()
+    with jax.enable_x64(True):
+        return _problem(mdp, ref, sol, gamma, h, M)
+
+
+def _problem(mdp, ref: np.ndarray, sol, gamma: np.ndarray, h: Optional[int], M: int) -> Problem:
     return Problem(
         transitions=jnp.asarray(mdp.transitions, jnp.float64),
         rewards=jnp.asarray(mdp.rewards, jnp.float64),
@@ -248,8 +254,6 @@ def problem_from_mdp(mdp, ref_policy, beta: float) -> Problem:
 
 def make_problem(env: EnvConfig, seed: int) -> tuple[Any, np.ndarray, Problem]:
     """Random MDPs + reference policies from ``seed``, solved exactly: ``(mdp, ref_policy, problem)``."""
-    from toy_mdp.mdp import random_mdp, random_reference_policy
-
     env.validate()
     root = jax.random.key(int(seed))
     k_mdp, k_ref = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
@@ -258,9 +262,7 @@ def make_problem(env: EnvConfig, seed: int) -> tuple[Any, np.ndarray, Problem]:
                      num_mdps=env.num_mdps)
     ref = random_reference_policy(k_ref, env.num_states, env.num_actions,
                                   min_prob=env.ref_min_prob, num_mdps=env.num_mdps)
-    with jax.enable_x64(True):
-        problem = problem_from_mdp(mdp, ref, env.beta)
-    return mdp, ref, problem
+    return mdp, ref, problem_from_mdp(mdp, ref, env.beta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -858,7 +860,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m toy_mdp train ...``; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _main(args, argv)
+    except ValueError as exc:  # bad hyperparameters: a usage error naming the field
+        parser.error(str(exc))
+        return 2
+
+
+def _main(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     horizon = args.horizon if args.horizon and args.horizon > 0 else None
     gamma = args.gamma if args.gamma is not None else (1.0 if horizon else 0.9)
     env = EnvConfig(num_mdps=args.num_mdps, num_states=args.num_states,

@@ -146,7 +146,7 @@ def run_checks(num_mdps: int = 500, seed: int = 0, *, num_states: int = 30, num_
         t0 = time.perf_counter()
         mdp, ref, beta = g.mdp, g.ref, g.beta
         n = beta.shape[0]
-        sol = solve_kl_regularized(mdp, ref, beta)
+        sol, info = solve_kl_regularized(mdp, ref, beta, return_info=True)
         refb = _bcast(ref, sol.q.shape)
         live = refb > 0
         bcol = beta.reshape((-1,) + (1,) * (sol.q.ndim - 1))
@@ -222,7 +222,7 @@ def run_checks(num_mdps: int = 500, seed: int = 0, *, num_states: int = 30, num_
             add("posterior_regret", (j_star - j_post) / scale)
             add("posterior_v_gap", flat(post.v - sol.v).max(-1))
         log(f"  {g.name}: {n} MDPs, {time.perf_counter() - t0:.1f} s "
-            f"(soft policy iteration steps <= {int(np.max(sol.iterations))})")
+            f"(soft policy iteration steps <= {int(np.max(info.iterations))})")
 
     mx = lambda key: float(np.max(acc[key])) if acc.get(key) else 0.0  # noqa: E731
     mn = lambda key: float(np.min(acc[key])) if acc.get(key) else float("nan")  # noqa: E731

@@ -45,10 +45,12 @@ def forward(model: Decoder, input_ids: jax.Array, attention_mask: jax.Array) -> 
 
 
 @functools.partial(nnx.jit, static_argnames=("softcap",))
-def _token_logprobs(model: Decoder, input_ids: jax.Array, attention_mask: jax.Array, softcap):
+def _token_logprobs(model: Decoder, input_ids: jax.Array, attention_mask: jax.Array, softcap, kv_prefix=None):
     from pa_jax.head import head_statistics
 
-    hidden = model(input_ids, attention_mask)
+    hidden = model(input_ids, attention_mask) if kv_prefix is None else model(
+        input_ids, attention_mask, kv_prefix=kv_prefix
+    )
     stats = head_statistics(hidden[:, :-1], model.unembedding(), input_ids[:, 1:], softcap=softcap, top_k=0)
     return stats.target_logprob
 
@@ -68,12 +70,16 @@ def _check_batch(input_ids, attention_mask, vocab_size: int | None = None):
     return ids, mask
 
 
-def token_logprobs(config: ModelConfig, model: Decoder, input_ids, attention_mask=None) -> jax.Array:
+def token_logprobs(
+    config: ModelConfig, model: Decoder, input_ids, attention_mask=None, *, kv_prefix: KVCache | None = None
+) -> jax.Array:
     """log p(x_{t+1} | x_{<=t}) for t = 0..T-2: [B, T-1] float32, through the fused head.
 
     Logits = softcap(hidden @ unembedding^T) with config.final_logit_softcap; never a [B, T, V] array.
     Entries whose target (or context) is padding hold meaningless values: mask them with
     attention_mask[:, 1:]. Padding positions of input_ids may hold any id (they are replaced by 0).
+    kv_prefix: a shared prefix's KVCache (``model(prefix_ids, return_kv=True)[1]``); the rows of input_ids
+    then continue that prefix (the first suffix token itself is not scored).
     """
     ids, mask = _check_batch(input_ids, attention_mask)
     if ids.shape[1] < 2:
@@ -81,4 +87,4 @@ def token_logprobs(config: ModelConfig, model: Decoder, input_ids, attention_mas
     ids = jnp.where(jnp.asarray(mask).astype(bool), jnp.asarray(ids), 0).astype(jnp.int32)
     if isinstance(input_ids, np.ndarray) and ((input_ids < 0) | (input_ids >= config.vocab_size))[np.asarray(mask).astype(bool)].any():
         raise ValueError(f"input_ids hold ids outside [0, {config.vocab_size}) at unmasked positions")
-    return _token_logprobs(model, ids, jnp.asarray(mask, jnp.int32), config.final_logit_softcap)
+    return _token_logprobs(model, ids, jnp.asarray(mask, jnp.int32), config.final_logit_softcap, kv_prefix)

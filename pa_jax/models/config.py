@@ -74,7 +74,8 @@ class ModelConfig:
       * ``query_pre_attn_scalar``: attention scale is ``query_pre_attn_scalar ** -0.5`` (else head_dim ** -0.5).
       * ``attn_logit_softcap`` / ``final_logit_softcap``: ``cap * tanh(x / cap)``; None when absent.
       * ``layer_types``: one entry per layer; ``rope`` maps each layer type to its :class:`RopeConfig`.
-      * ``key_prefix``: prefix of the text tower's checkpoint keys (``"model."``, or a multimodal wrapper's).
+      Checkpoint keys of the text tower start with :func:`key_prefix` (``"model."``, or
+      ``"model.language_model."`` for a multimodal wrapper's config.json).
     """
 
     model_type: str
@@ -316,6 +317,8 @@ def _rope_table(hf: dict[str, Any], mt: str, layer_types: tuple[str, ...]) -> tu
         # layers of an old-layout config.json get default_theta (500k); we reproduce that.
         local_theta = hf.get("rope_local_base_freq") if mt == "gemma3_text" else None
         per_type["sliding_attention"].setdefault("rope_theta", local_theta if local_theta is not None else default_local)
+        for d in per_type.values():  # yarn reads `truncate` from the top-level (here nested) dict: always True
+            d.pop("truncate", None)
     else:
         flat = dict(scaling or rp or {})
         nested_keys = [k for k in flat if k in ("full_attention", "sliding_attention")]
@@ -354,9 +357,6 @@ def _from_hf_dict(hf: dict[str, Any]) -> ModelConfig:
         hf = dict(text)
         hf.setdefault("model_type", WRAPPER_MODEL_TYPES[mt])
         mt = hf["model_type"]
-        key_prefix = "model.language_model."
-    else:
-        key_prefix = "model."
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"config.json: model_type={mt!r} is not supported; supported model types: "

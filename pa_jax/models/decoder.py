@@ -79,7 +79,8 @@ class Embedding(nnx.Module):
         self.weight = nnx.Param(jax.random.normal(rngs.params(), (vocab, dim), dtype) * std)
 
     def __call__(self, ids: Array) -> Array:
-        return jnp.take(self.weight[...], ids, axis=0)
+        # mode="clip": ids at padding positions may hold anything (out-of-range ids must not give NaN rows)
+        return jnp.take(self.weight[...], ids, axis=0, mode="clip")
 
 
 class RMSNorm(nnx.Module):

@@ -313,10 +313,11 @@ class GGUFTensors(Mapping[str, GGUFTensor]):
     turned into ``rope_scaling`` in the config).
     """
 
-    def __init__(self, path: str | os.PathLike[str], reader: Any | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], reader: Any | None = None,
+                 raw_config: tuple[str, dict[str, Any]] | None = None) -> None:
         self.path = pathlib.Path(path)
         self._reader = reader if reader is not None else _reader(path)
-        self.architecture, raw = _raw_config(self._reader, self.path)
+        self.architecture, raw = raw_config if raw_config is not None else _raw_config(self._reader, self.path)
         self._num_heads = int(raw["num_attention_heads"])
         self._num_kv_heads = int(raw["num_key_value_heads"])
         self._tensors: dict[str, GGUFTensor] = {}
@@ -385,8 +386,8 @@ def load_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, Any], GGUFTensors
     :func:`pa_jax.models.load` turns these into ``(ModelConfig, Decoder)`` (``load("x.gguf")``).
     """
     reader = _reader(path)
-    _, raw = _raw_config(reader, path)
-    return _complete(raw), GGUFTensors(path, reader=reader)
+    arch, raw = _raw_config(reader, path)
+    return _complete(raw), GGUFTensors(path, reader=reader, raw_config=(arch, raw))
 
 
 open_gguf = load_gguf

@@ -149,7 +149,8 @@ def attention_mask(
     """Boolean mask [B, 1, Tq, Tk]: key k visible to query q iff
 
     kv_index[k] <= q_index[q] (causal, on sequence indices as transformers) and kv_valid[b, k] (padding)
-    and segment[q] == segment[k] (packed rows) and, with a sliding window W, q_pos - k_pos < W.
+    and segment[q] == segment[k] (packed rows) and, with a sliding window W, q_pos - k_pos < W;
+    plus k == q itself, so that padding queries (meaningless outputs) never have an empty row.
 
     The window is measured in positions (equal to index distance inside one unpadded sequence, as
     transformers measures it; also right when a cached prefix is followed by a left-padded suffix).
@@ -163,6 +164,9 @@ def attention_mask(
         qp = q_positions if q_positions is not None else jnp.broadcast_to(q_index, kv_valid.shape[:1] + q_index.shape)
         kp = kv_positions if kv_positions is not None else jnp.broadcast_to(kv_index, kv_valid.shape)
         m = m & ((qp[:, :, None] - kp[:, None, :]) < window)
+    # A padding query sees no valid key; let it see itself so that no row is fully masked (kernels may
+    # return NaN there, and NaN values would leak through 0-probability terms). Valid queries are unchanged.
+    m = m | (kv_index[None, None, :] == q_index[None, :, None])
     return m[:, None, :, :]
 
 

@@ -81,7 +81,7 @@ def make_mesh(data: int | None = None, model: int = 1, *, devices: Sequence[Any]
     if data * model != len(devs):
         raise ValueError(f"make_mesh: data * model = {data} * {model} != {len(devs)} devices")
     auto = (jax.sharding.AxisType.Auto, jax.sharding.AxisType.Auto)
-    return jax.make_mesh((data, model), (DATA, MODEL), auto, devices=devs)
+    return jax.make_mesh((data, model), (DATA, MODEL), axis_types=auto, devices=devs)
 
 
 def partition_spec(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES) -> P:
@@ -211,11 +211,10 @@ def shard_model(model: Any, config: ShardingConfig) -> Any:
         name = ".".join(str(p) for p in path)
         if isinstance(value, jax.Array | np.ndarray):
             sharding = config.param_sharding(name, value.shape)
-            host = np.asarray(value) if not isinstance(value, jax.Array) else value
-            if isinstance(host, jax.Array) and not host.is_fully_addressable:
-                new = jax.device_put(host, sharding)
-            else:
-                h = np.asarray(host)
+            if isinstance(value, jax.Array) and not value.is_fully_addressable:
+                new = jax.device_put(value, sharding)  # already global: let XLA reshard
+            else:  # local value: every process builds its own devices' slices (works multi-process)
+                h = np.asarray(value)
                 new = array_from_slices(h.shape, h.dtype, sharding, lambda idx, h=h: h[idx])
             updated.append((path, var.replace(new)))
         else:

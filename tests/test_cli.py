@@ -1,0 +1,166 @@
+"""`pa-jax score|uq|bon|fa` end to end on tiny random checkpoints and small synthetic trajectory files."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pa_jax.cli import main
+from test_render import tiny_tokenizer
+from test_scoring import CORPUS, save_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    tok = tiny_tokenizer(CORPUS)
+    models = {}
+    for name, seed in (("policy", 0), ("reference", 1)):
+        models[name] = save_tiny_llama(d / name, 320, seed)
+        tok.save_pretrained(d / name)
+    other = tiny_tokenizer(("a different corpus, so a different vocabulary",))
+    save_tiny_llama(d / "other", 320, 2)
+    other.save_pretrained(d / "other")
+    (d / "bert").mkdir()
+    (d / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 320}))
+    tok.save_pretrained(d / "bert")
+    return d, tok, models
+
+
+def _sim(i, task, reward):
+    rng = np.random.default_rng(i)
+    words = CORPUS[0].split()
+    say = lambda n: " ".join(rng.choice(words, n))  # noqa: E731
+    return {"id": f"s{i}", "task_id": task, "reward_info": {"reward": reward}, "messages": [
+        {"role": "user", "content": say(5)},
+        {"role": "assistant", "content": say(4 + i % 3)},
+        {"role": "user", "content": say(3)},
+        {"role": "assistant", "content": None, "tool_calls": [{"name": "search", "arguments": {"q": say(2)}}]},
+        {"role": "tool", "content": say(4)},
+        {"role": "assistant", "content": say(3 + i % 4)},
+    ]}
+
+
+def _oracle_pa(models, tok, path):
+    """Progress advantage per trajectory, mean over steps of (mean policy - mean reference log-prob)
+    over each assistant message's tokens, from PyTorch forwards of the authors' rendering."""
+    out = []
+    for sim in json.loads(path.read_text())["simulations"]:
+        ids, spans = [tok.bos_token_id], []
+        for j, m in enumerate(sim["messages"]):
+            sep = "\n" if j else ""
+            if m["role"] == "assistant":
+                tc = "".join(f"\ntool_call({c['name']}, {c['arguments']})" for c in m.get("tool_calls") or [])
+                text = f"{sep}[assistant]: {((m['content'] or '') + tc).strip()}"
+            else:
+                text = f"{sep}[{m['role']}]: {m['content']}"
+            piece = tok.encode(text, add_special_tokens=False)
+            if m["role"] == "assistant":
+                spans.append((len(ids), len(ids) + len(piece)))
+            ids += piece
+        lp = {}
+        for k in ("policy", "reference"):
+            with torch.no_grad():
+                logits = models[k](torch.tensor([ids])).logits[0].double()
+            lp[k] = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
+        out.append(np.mean([lp["policy"][s - 1:e - 1].mean() - lp["reference"][s - 1:e - 1].mean() for s, e in spans]))
+    return np.array(out)
+
+
+def test_uq_end_to_end(ckpts, tmp_path, capsys):
+    d, tok, models = ckpts
+    data = tmp_path / "sims.json"
+    data.write_text(json.dumps({"simulations": [_sim(i, f"t{i // 2}", float(i % 2)) for i in range(10)]}))
+    out = tmp_path / "uq.json"
+    rc = main(["uq", "--policy", str(d / "policy"), "--reference", str(d / "reference"), "--data", str(data),
+               "--dtype", "float32", "--step-agg", "mean,min", "--token-agg", "mean", "--bootstrap", "50",
+               "--out", str(out), "--no-progress", "--cache", str(tmp_path / "cache")])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert "progress_advantage/mean/mean" in printed and "AUROC" in printed
+    assert res["inputs"] == {str(data): hashlib.sha256(data.read_bytes()).hexdigest()}
+    assert res["versions"]["jax"] and res["config"]["beta"] == 1.0 and res["n_scored"] == 10
+    pa = np.array(res["scores"]["progress_advantage/mean/mean"])
+    np.testing.assert_allclose(pa, _oracle_pa(models, tok, data), atol=2e-4)
+    from sklearn.metrics import roc_auc_score
+
+    m = res["metrics"]["progress_advantage/mean/mean"]
+    assert m["auroc"] == pytest.approx(roc_auc_score(res["scores"]["labels"], pa))
+    assert {"policy_logprob/mean/min", "self_certainty", "deepconf_tail"} <= set(res["metrics"])
+    # second run: everything from the cache, same numbers
+    rc = main(["uq", "--policy", str(d / "policy"), "--reference", str(d / "reference"), "--data", str(data),
+               "--dtype", "float32", "--step-agg", "mean,min", "--bootstrap", "50", "--out", str(out),
+               "--no-progress", "--cache", str(tmp_path / "cache")])
+    res2 = json.loads(out.read_text())
+    assert res2["timing"]["batches_computed"] == 0
+    assert res2["scores"]["progress_advantage/mean/mean"] == res["scores"]["progress_advantage/mean/mean"]
+
+
+@pytest.mark.slow
+def test_bon_score_and_same_model_sanity(ckpts, tmp_path):
+    d, tok, models = ckpts
+    for trial in range(3):
+        (tmp_path / f"trial_{trial}").mkdir()
+        sims = [_sim(10 * trial + k, f"task{k}", float((trial + k) % 2)) for k in range(3)]
+        (tmp_path / f"trial_{trial}" / "airline.json").write_text(json.dumps({"simulations": sims}))
+    out = tmp_path / "bon.json"
+    assert main(["bon", "--policy", str(d / "policy"), "--reference", str(d / "policy"), "--data", str(tmp_path),
+                 "--dtype", "float32", "--out", str(out), "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    m = res["metrics"]["progress_advantage/mean/mean"]
+    assert res["models"]["reference_is_policy"] and all(s["score"] == 0.0 for s in m["selected"])
+    assert all(s["trial"] == 0 for s in m["selected"])  # all tied at 0 -> lowest trial
+    rewards = np.array([[(t + k) % 2 for t in range(3)] for k in range(3)], float)
+    assert m["pass_at_1"] == pytest.approx(rewards.mean()) and m["oracle_pass_at_n"] == 1.0
+    assert m["bon_success_rate"] == pytest.approx(rewards[:, 0].mean())
+    # per-step JSON lines, policy only
+    jl = tmp_path / "s.jsonl"
+    assert main(["score", "--policy", str(d / "policy"), "--data", str(tmp_path / "trial_1" / "airline.json"),
+                 "--dtype", "float32", "--jsonl", str(jl), "--no-progress", "--max-length", "40"]) == 0
+    lines = [json.loads(x) for x in jl.read_text().splitlines()]
+    assert len(lines) == 3 and all(len(x["step_scores"]["policy_logprob"]) == x["num_steps"] == 3 for x in lines)
+    assert all(x["truncation"]["dropped_tokens"] > 0 for x in lines) and "progress_advantage" not in lines[0]["step_scores"]
+
+
+def test_fa_who_and_when(ckpts, tmp_path):
+    d, tok, models = ckpts
+    split = tmp_path / "Algorithm-Generated"
+    split.mkdir()
+    words = CORPUS[0].split()
+    for i in range(4):
+        hist = [{"role": "user" if j % 2 == 0 else "assistant", "name": f"Agent{j % 3}",
+                 "content": " ".join(words[(i + j) % 5:(i + j) % 5 + 4])} for j in range(5)]
+        (split / f"{i + 1}.json").write_text(json.dumps({"history": hist, "mistake_step": str(i % 5),
+                                                         "mistake_agent": f"Agent{i % 3}", "question_ID": f"q{i}"}))
+    (split / "9.json").write_text(json.dumps({"history": [{"role": "user", "name": "A", "content": "x"}]}))
+    out = tmp_path / "fa.json"
+    assert main(["fa", "--policy", str(d / "policy"), "--reference", str(d / "reference"), "--data", str(tmp_path),
+                 "--dtype", "float32", "--out", str(out), "--no-progress", "--k", "1", "2"]) == 0
+    res = json.loads(out.read_text())
+    assert res["n_scored"] == 4 and res["skipped"][0]["reason"] == "missing label 'mistake_step'"
+    m = res["metrics"]["Algorithm-Generated"]["progress_advantage/min"]
+    assert set(m) == {"min_cumulative", "sharpest_drop", "sharpest_consecutive_drop", "k_advantage(k=1)",
+                      "k_advantage(k=2)"}
+    truth = [i % 5 for i in range(4)]
+    for rule, v in m.items():
+        p = np.array(v["predictions"])
+        assert v["step_accuracy"] == pytest.approx(np.mean(p == truth))
+        assert v["mae"] == pytest.approx(np.mean(np.abs(p - truth)))
+
+
+def test_cli_bad_inputs(ckpts, tmp_path):
+    d, tok, models = ckpts
+    data = tmp_path / "sims.json"
+    data.write_text(json.dumps({"simulations": [_sim(0, "t", 1.0)]}))
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        main(["uq", "--policy", str(d / "policy"), "--reference", str(d / "other"), "--data", str(data)])
+    with pytest.raises(ValueError, match="--reference .*bert.*causal LM"):
+        main(["uq", "--policy", str(d / "policy"), "--reference", str(d / "bert"), "--data", str(data)])
+    with pytest.raises(ValueError, match="no such file"):
+        main(["uq", "--policy", str(d / "policy"), "--data", str(tmp_path / "nope.json")])
+    with pytest.raises(ValueError, match="--max-length"):
+        main(["uq", "--policy", str(d / "policy"), "--data", str(data), "--max-length", "1"])
+    with pytest.raises(SystemExit):
+        main(["uq", "--policy", str(d / "policy"), "--data", str(data), "--token-agg", "median"])
