@@ -45,9 +45,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from toy_mdp import text_env as te  # noqa: E402
 
 DEFAULT_BETA = 0.5
-DEFAULT_HORIZON = 3
-DEFAULT_SFT_STEPS = 300
-DEFAULT_RL_STEPS = 400
+DEFAULT_HORIZON = 4
+DEFAULT_SFT_STEPS = 400
+DEFAULT_RL_STEPS = 300
 DEFAULT_RL_LR = 3e-3
 
 # behaviour policy of the SFT data: P(command | position), commands (walk ahead, jump, walk back)
@@ -159,7 +159,8 @@ def weighted_pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
     w = w / w.sum()
     mx, my = (w * x).sum(), (w * y).sum()
     cov = (w * (x - mx) * (y - my)).sum()
-    return float(cov / np.sqrt((w * (x - mx) ** 2).sum() * (w * (y - my) ** 2).sum()))
+    den = np.sqrt((w * (x - mx) ** 2).sum() * (w * (y - my) ** 2).sum())
+    return float(cov / den) if den > 0 else float("nan")
 
 
 def proposition1_report(tree, pol_lp, ref_lp, beta) -> dict:
@@ -171,7 +172,7 @@ def proposition1_report(tree, pol_lp, ref_lp, beta) -> dict:
     w = np.concatenate([v.ravel() for v in visitation(tree, pol_lp)])
     err = np.abs(pred - adv)
     return {"pearson_weighted": weighted_pearson(pred, adv, w), "mean_abs_err_weighted": float((w * err).sum() / w.sum()),
-            "pearson_all_pairs": float(np.corrcoef(pred, adv)[0, 1]),
+            "pearson_all_pairs": weighted_pearson(pred, adv, np.ones_like(pred)),
             "max_abs_err_visited_1e-3": float(err[w > 1e-3].max()) if np.any(w > 1e-3) else float("nan")}
 
 

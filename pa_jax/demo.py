@@ -134,7 +134,7 @@ def run_demo(out_dir: str | os.PathLike, *, seed: int = 0, num_rollouts: int = 1
     """Run the whole demo; returns the results dict (also written to ``out_dir/results.json``)."""
     import jax.numpy as jnp
 
-    from pa_jax.advantage import step_advantages
+    from pa_jax.advantage import step_advantages, step_values
     from pa_jax.apps import bon as bon_app
     from pa_jax.apps import fa as fa_app
     from pa_jax.apps import uq as uq_app
@@ -244,7 +244,7 @@ def run_demo(out_dir: str | os.PathLike, *, seed: int = 0, num_rollouts: int = 1
     failed = np.where((success == 0) & (exact_adv.min(1) < -1e-3))[0]
     truth = [int(np.argmin(exact_adv[i])) for i in failed]
     steps_idx = list(range(H))
-    step_lp = np.asarray(step_advantages(lp_pol, np.zeros_like(lp_pol), sid, nsteps, token_agg="sum")[0], np.float64)
+    step_lp = np.asarray(step_values(lp_pol, sid, nsteps, token_agg="sum")[0], np.float64)
     predictors = {f"progress_adv(token={agg})": step_pa[agg] for agg in TOKEN_AGGS_SHOWN}
     predictors["policy_logprob(token=sum)"] = step_lp
     fa = {"n_failed_with_error": int(len(failed)), "n_failed": int((success == 0).sum()),
@@ -356,7 +356,7 @@ def _figure(path: pathlib.Path, step_pa: dict, exact_adv: np.ndarray, first: np.
         ax.set_xticklabels(short, rotation=30, ha="right", fontsize=8)
         ax.set_title(title)
         ax.set_ylabel(ylabel)
-        ax.set_ylim(0, 1.08)
+        ax.set_ylim(0, 1.12)
         ax.grid(axis="y", alpha=0.3)
 
     names = list(r["uq"])

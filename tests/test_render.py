@@ -1,10 +1,9 @@
 """Rendering to token ids + step ids: the authors' `reference` format and the chat template."""
-import json
 
 import numpy as np
 import pytest
 
-from pa_jax.data import DataError, Message, ToolCall, Trajectory, load, render
+from pa_jax.data import Message, ToolCall, Trajectory, load, render
 
 CHAT_TEMPLATE = "{% for m in messages %}<bos>{{ m['role'] }}\n{{ m['content'] }}<eos>\n{% endfor %}"
 

@@ -118,6 +118,7 @@ def test_build_tree_dynamics_against_direct_simulation():
             move = {(0, 0): 1, (0, 1): 0, (1, 0): 2, (1, 1): None, (2, 0): -1, (2, 1): 0}[(acts[t], outs[t])]
             pos = 0 if move is None else min(max(pos + move, 0), env.goal)
             assert tree.positions[t + 1][h] == pos
+            assert tree.index(acts[: t + 1], outs[: t + 1]) == h
             np.testing.assert_array_equal(tree.actions[t + 1][h], acts[: t + 1])
             np.testing.assert_array_equal(tree.outcomes[t + 1][h], outs[: t + 1])
         assert tree.terminal_reward[h] == float(pos == env.goal)

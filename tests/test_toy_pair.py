@@ -171,8 +171,9 @@ def test_training_script_runs_and_exports(tmp_path):
 
     mod = _train_module()
     env = te.SteppingStones(horizon=2, goal=2)
-    cfg, ref, pol, env, hist = mod.train(0, env=env, sft_steps=4, rl_steps=3, log_every=100, verbose=False)
-    assert len(hist["sft_loss"]) == 4 and len(hist["rl_objective"]) == 3
+    cfg, ref, pol, env, hist = mod.train(0, env=env, sft_steps=3, rl_steps=3, log_every=100, verbose=False)
+    assert len(hist["sft_loss"]) == 3 and len(hist["rl_objective"]) == 3
+    assert hist["rl_objective"][-1] > hist["rl_objective"][0]  # exact gradient ascent improves J
     assert all(np.isfinite(hist["sft_loss"])) and all(np.isfinite(hist["rl_objective"]))
     mod.export(str(tmp_path), cfg, ref, pol, env, {"beta": 0.1, "env": {"horizon": 2, "goal": 2}})
     for name in ("reference", "policy"):
@@ -192,6 +193,3 @@ def test_training_script_runs_and_exports(tmp_path):
                                          mod.tree_arrays_of(tree), 0.1))
     j_np = te.evaluate_tree_policy(tree, lps["policy"], lps["reference"], 0.1)[1][0][0]
     assert j_jax == pytest.approx(j_np, abs=2e-4)
-    # same seed, same run
-    _, _, _, _, hist2 = mod.train(0, env=env, sft_steps=4, rl_steps=1, log_every=100, verbose=False)
-    assert hist2["sft_loss"] == hist["sft_loss"]

@@ -62,6 +62,8 @@ def add_common_arguments(p: argparse.ArgumentParser, *, token_agg: str = "mean",
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per device batch")
     p.add_argument("--limit", type=int, default=None,
                    help="score only the first N trajectories (after loading; for subsets)")
+    p.add_argument("--tasks", type=int, default=None,
+                   help="score only the trajectories of the first N task ids (all their rollouts; for subsets)")
     p.add_argument("--no-share-prefix", action="store_true", help="do not reuse a prefix shared by all trajectories")
     p.add_argument("--no-pack", action="store_true", help="do not pack short trajectories into one row")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -76,6 +78,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--beta must be > 0, got {args.beta}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if getattr(args, "tasks", None) is not None and args.tasks < 1:
+        raise ValueError(f"--tasks must be >= 1, got {args.tasks}")
 
 
 # ---------------------------------------------------------------------------------------------- provenance
@@ -147,7 +151,12 @@ def prepare(args: argparse.Namespace, *, require: str | None) -> Scored:
     ds = load(args.data)
     if require:
         ds = ds.require(require)
-    trajs = ds.trajectories[: args.limit] if args.limit else list(ds.trajectories)
+    trajs = list(ds.trajectories)
+    if getattr(args, "tasks", None):
+        keep = list(dict.fromkeys(t.task_id for t in trajs))[: args.tasks]
+        trajs = [t for t in trajs if t.task_id in set(keep)]
+    if args.limit:
+        trajs = trajs[: args.limit]
     if not trajs:
         raise ValueError(f"--data {args.data}: no scorable trajectory ({len(ds.skipped)} skipped)")
     tok = load_tokenizer(args.policy)

@@ -284,9 +284,10 @@ def _complete(cfg: dict[str, Any]) -> dict[str, Any]:
 class GGUFTensor:
     """One GGUF tensor in HF layout, dequantized to float32 on read (a ``LazyTensor`` of the core loader).
 
-    ``read(index)`` dequantizes the whole tensor (quantized blocks span rows and the Q/K un-permutation
-    mixes rows within a head) and returns the slice; the last dequantized tensor of the file is kept so
-    that the shards of one parameter (``jax.make_array_from_callback``) dequantize it once.
+    ``read(index)`` dequantizes the whole tensor (the Q/K un-permutation mixes rows within a head, so a
+    slice of the HF tensor is not a slice of the file) and returns the slice; the last dequantized
+    tensor of the file is kept so that the shards of one parameter (``jax.make_array_from_callback``)
+    dequantize it once. Host memory peaks at one float32 tensor.
     """
 
     dtype = np.dtype(np.float32)
