@@ -183,6 +183,7 @@ def main() -> None:
                     help="run the baseline's long trajectory at this length instead (memory)")
     ap.add_argument("--skip", choices=("airline", "long"), nargs="*", default=[])
     ap.add_argument("--timeout", type=int, default=3600)
+    ap.add_argument("--second-pass", action="store_true", help="also time a second, already compiled bf16 pass")
     ap.add_argument("--out", default=None, help="results JSON")
     args = ap.parse_args()
     if args.worker:
@@ -195,7 +196,7 @@ def main() -> None:
     if "airline" not in args.skip:
         base = {"workload": "airline", "n_traj": args.n_traj, "max_length": args.max_length}
         t = run_worker({**base, "impl": "torch"}, args.timeout)
-        jb = run_worker({**base, "impl": "jax", "dtype": "bfloat16", "second_pass": True}, args.timeout)
+        jb = run_worker({**base, "impl": "jax", "dtype": "bfloat16", "second_pass": args.second_pass}, args.timeout)
         jf = run_worker({**base, "impl": "jax", "dtype": "float32"}, args.timeout)
         results["airline"] = {"torch_f32": t, "pa_jax_bf16": jb, "pa_jax_f32": jf}
         for name, j in (("pa_jax_bf16", jb), ("pa_jax_f32", jf)):

@@ -98,7 +98,6 @@ def test_uq_end_to_end(ckpts, tmp_path, capsys):
     assert res2["scores"]["progress_advantage/mean/mean"] == res["scores"]["progress_advantage/mean/mean"]
 
 
-@pytest.mark.slow
 def test_bon_score_and_same_model_sanity(ckpts, tmp_path):
     d, tok, models = ckpts
     for trial in range(3):

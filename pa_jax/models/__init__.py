@@ -38,21 +38,37 @@ __all__ = [
 ]
 
 
-@nnx.jit
+# The jitted entry points below take the model as (graphdef [static], state) through a plain ``jax.jit``
+# and return only their result. ``nnx.jit`` (flax 0.12, graph-updates mode) would also return every
+# parameter as an extra output (to propagate in-place mutations, which an inference forward never makes):
+# that doubles the output buffers and, for qwen3_5 sharded over a (data, model) mesh of simulated CPU
+# devices, changes XLA's entry-computation schedule into one whose execution never completes.
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state)(input_ids, attention_mask)
+
+
 def forward(model: Decoder, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """Jitted ``model(input_ids, attention_mask)`` -> final hidden states [B, T, D]."""
-    return model(input_ids, attention_mask)
+    """Jitted ``model(input_ids, attention_mask)`` -> final hidden states [B, T, D] (the model is not mutated)."""
+    graphdef, state = nnx.split(model)
+    return _forward(graphdef, state, input_ids, attention_mask)
 
 
-@functools.partial(nnx.jit, static_argnames=("softcap",))
-def _token_logprobs(model: Decoder, input_ids: jax.Array, attention_mask: jax.Array, softcap, kv_prefix=None):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("softcap",))
+def _token_logprobs_pure(graphdef, state, input_ids, attention_mask, softcap, kv_prefix=None):
     from pa_jax.head import head_statistics
 
+    model = nnx.merge(graphdef, state)
     hidden = model(input_ids, attention_mask) if kv_prefix is None else model(
         input_ids, attention_mask, kv_prefix=kv_prefix
     )
     stats = head_statistics(hidden[:, :-1], model.unembedding(), input_ids[:, 1:], softcap=softcap, top_k=0)
     return stats.target_logprob
+
+
+def _token_logprobs(model: Decoder, input_ids: jax.Array, attention_mask: jax.Array, softcap, kv_prefix=None):
+    graphdef, state = nnx.split(model)
+    return _token_logprobs_pure(graphdef, state, input_ids, attention_mask, softcap, kv_prefix)
 
 
 def _check_batch(input_ids, attention_mask, vocab_size: int | None = None):
