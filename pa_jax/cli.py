@@ -1,12 +1,15 @@
 """The `pa-jax` command line: one subcommand per application.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
-modules are imported only when their subcommand runs, so `pa-jax --help` stays fast.
+modules are imported only when their subcommand runs, so `pa-jax --help` stays fast. Bad input
+(``ValueError``, including ``pa_jax.data.DataError``, or ``OSError``) ends with one line on stderr naming
+the file, field or tensor, and exit status 2; set ``PA_JAX_TRACEBACK=1`` for the full traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> (module, one-line help)
@@ -32,7 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (ValueError, OSError) as e:  # bad input (DataError is a ValueError): one clear line, no traceback
+        if os.environ.get("PA_JAX_TRACEBACK"):
+            raise
+        print(f"pa-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -337,6 +337,32 @@ def chunked_forward(model, ids, mask, kv_prefix, chunk: int):
     return jnp.moveaxis(hs, 0, 1).reshape(b, t, hs.shape[-1])
 
 
+def causal_chunked_forward(model, ids, mask, kv_prefix, chunk: int):
+    """Hidden states [B, T, D] of a long row, query block by query block with causal block skipping.
+
+    Block j (queries [j C, (j+1) C)) runs the model against the keys/values of the prefix and of blocks
+    0..j-1 (``kv_prefix``) and causally against itself, so its attention scores take
+    ``[B, heads, C, P + (j+1) C]``: keys after the block's end, which the causal mask hides anyway, are
+    never computed (about half the attention work of a full-width buffer) and no ``[T, P + T]`` array
+    is built. A static Python loop (one shape per block, ``T / C`` of them); the result equals one
+    full causal forward. ``T`` must be a multiple of ``chunk``.
+    """
+    from pa_jax.models.decoder import concat_kv
+
+    b, t = ids.shape
+    if t % chunk:
+        raise ValueError(f"row length {t} is not a multiple of attention_chunk {chunk}")
+    cache = None if kv_prefix is None else kv_prefix.broadcast_to(b)
+    hs = []
+    for j in range(t // chunk):
+        sl = slice(j * chunk, (j + 1) * chunk)
+        h, new = model(ids[:, sl], mask[:, sl], kv_prefix=cache, return_kv=True)
+        hs.append(h)
+        if j + 1 < t // chunk:
+            cache = new if cache is None else concat_kv(cache, new)
+    return jnp.concatenate(hs, axis=1)
+
+
 def build_program(policy, reference, *, top_k: int, vocab_chunk: int, token_block: int, use_seg: bool,
                   same_vocab: bool, chunk: int | None = None):
     """Memoized `_build_program`: reusing the jitted function reuses its compiled shapes."""

@@ -1,6 +1,7 @@
 """`pa-jax score|uq|bon|fa` end to end on tiny random checkpoints and small synthetic trajectory files."""
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -149,17 +150,29 @@ def test_fa_who_and_when(ckpts, tmp_path):
         assert v["mae"] == pytest.approx(np.mean(np.abs(p - truth)))
 
 
-def test_cli_bad_inputs(ckpts, tmp_path):
+def test_cli_bad_inputs(ckpts, tmp_path, capsys, monkeypatch):
     d, tok, models = ckpts
     data = tmp_path / "sims.json"
     data.write_text(json.dumps({"simulations": [_sim(0, "t", 1.0)]}))
+    monkeypatch.delenv("PA_JAX_TRACEBACK", raising=False)
+
+    def fails(argv, pattern):
+        """Bad input ends with exit status 2 and one line on stderr naming the problem."""
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert re.search(pattern, err), err
+        assert "Traceback" not in err
+
+    fails(["uq", "--policy", str(d / "policy"), "--reference", str(d / "other"), "--data", str(data)],
+          "tokenizers differ")
+    fails(["uq", "--policy", str(d / "policy"), "--reference", str(d / "bert"), "--data", str(data)],
+          "--reference .*bert.*causal LM")
+    fails(["uq", "--policy", str(d / "policy"), "--data", str(tmp_path / "nope.json")], "no such file")
+    fails(["uq", "--policy", str(d / "policy"), "--data", str(data), "--max-length", "1"], "--max-length")
+    # with PA_JAX_TRACEBACK set the exception propagates (for debugging)
+    monkeypatch.setenv("PA_JAX_TRACEBACK", "1")
     with pytest.raises(ValueError, match="tokenizers differ"):
         main(["uq", "--policy", str(d / "policy"), "--reference", str(d / "other"), "--data", str(data)])
-    with pytest.raises(ValueError, match="--reference .*bert.*causal LM"):
-        main(["uq", "--policy", str(d / "policy"), "--reference", str(d / "bert"), "--data", str(data)])
-    with pytest.raises(ValueError, match="no such file"):
-        main(["uq", "--policy", str(d / "policy"), "--data", str(tmp_path / "nope.json")])
-    with pytest.raises(ValueError, match="--max-length"):
-        main(["uq", "--policy", str(d / "policy"), "--data", str(data), "--max-length", "1"])
     with pytest.raises(SystemExit):
         main(["uq", "--policy", str(d / "policy"), "--data", str(data), "--token-agg", "median"])

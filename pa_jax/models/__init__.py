@@ -40,9 +40,8 @@ __all__ = [
 
 # The jitted entry points below take the model as (graphdef [static], state) through a plain ``jax.jit``
 # and return only their result. ``nnx.jit`` (flax 0.12, graph-updates mode) would also return every
-# parameter as an extra output (to propagate in-place mutations, which an inference forward never makes):
-# that doubles the output buffers and, for qwen3_5 sharded over a (data, model) mesh of simulated CPU
-# devices, changes XLA's entry-computation schedule into one whose execution never completes.
+# parameter as an extra output (to propagate in-place mutations, which an inference forward never makes),
+# i.e. a device copy of every parameter per call.
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, state, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     return nnx.merge(graphdef, state)(input_ids, attention_mask)

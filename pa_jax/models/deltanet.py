@@ -30,7 +30,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
 Array = jax.Array
 
@@ -160,6 +159,28 @@ def recurrent_gated_delta_rule(
     return jnp.moveaxis(o, 0, 1), s
 
 
+def unit_lower_inverse(a: Array) -> Array:
+    """(I + N)^{-1} for a unit lower-triangular ``a = I + N`` [..., C, C] by recursive 2x2 block inversion.
+
+    [[A, 0], [M, B]]^{-1} = [[A^{-1}, 0], [-B^{-1} M A^{-1}, B^{-1}]]  (depth ceil(log2 C), batched matmuls only).
+    Only the lower triangle of ``a`` is read; its diagonal is taken to be 1.
+
+    Used instead of ``jax.scipy.linalg.solve_triangular``: on CPU that lowers to a LAPACK ``trsm`` custom
+    call which never returns when the program runs SPMD-partitioned over several (simulated) CPU devices,
+    so a sharded Qwen 3.5 forward hung; plain matmuls partition and run everywhere.
+    """
+    c = a.shape[-1]
+    if c == 1:
+        return jnp.ones_like(a)
+    h = c // 2
+    hp = jax.lax.Precision.HIGHEST
+    inv_a = unit_lower_inverse(a[..., :h, :h])
+    inv_b = unit_lower_inverse(a[..., h:, h:])
+    low = -jnp.einsum("...ij,...jk,...kl->...il", inv_b, a[..., h:, :h], inv_a, precision=hp)
+    top = jnp.concatenate([inv_a, jnp.zeros((*inv_a.shape[:-1], c - h), a.dtype)], axis=-1)
+    return jnp.concatenate([top, jnp.concatenate([low, inv_b], axis=-1)], axis=-2)
+
+
 def chunk_gated_delta_rule(
     q: Array,
     k: Array,
@@ -210,7 +231,7 @@ def chunk_gated_delta_rule(
     ut = jnp.einsum("bhncd,bhned->bhnce", k_beta, k, precision=hp) * decay
     ut = jnp.where(jnp.tril(jnp.ones((c, c), bool), -1), ut, 0.0) + jnp.eye(c, dtype=jnp.float32)
     rhs = jnp.concatenate([v_beta, k_beta * jnp.exp(cum)[..., None]], axis=-1)
-    sol = solve_triangular(ut, rhs, lower=True, unit_diagonal=True)
+    sol = jnp.einsum("bhnce,bhned->bhncd", unit_lower_inverse(ut), rhs, precision=hp)
     new_values, k_cumdecay = sol[..., :dv], sol[..., dv:]
     intra = jnp.einsum("bhncd,bhned->bhnce", q, k, precision=hp) * decay
     q_dec = q * jnp.exp(cum)[..., None]
