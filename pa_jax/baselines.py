@@ -65,9 +65,7 @@ def policy_logprob_scores(
 
     Empty steps count as 0.0 (the authors' progress-advantage scorer without a reference).
     """
-    _check_aggs(token_agg, step_agg)
-    return aggregate_all(policy_logprobs, step_ids, num_steps, empty="zero", max_steps=max_steps,
-                         name="policy_logprobs")[(token_agg, step_agg)]
+    return _logprob_scores(policy_logprobs, step_ids, num_steps, token_agg, step_agg, max_steps, "policy_logprobs")
 
 
 def reference_logprob_scores(
@@ -75,9 +73,15 @@ def reference_logprob_scores(
     max_steps: int | None = None,
 ) -> Array:
     """Reference log-prob: ``step_agg_{s < n_b} token_agg_{t in s} log pi_ref(a_t | s_t)`` (empty = 0.0)."""
+    return _logprob_scores(reference_logprobs, step_ids, num_steps, token_agg, step_agg, max_steps,
+                           "reference_logprobs")
+
+
+def _logprob_scores(logprobs, step_ids, num_steps, token_agg, step_agg, max_steps, name) -> Array:
+    """Shared body of the log-prob scores: empty steps count as 0.0; ``name`` is used in errors."""
     _check_aggs(token_agg, step_agg)
-    return aggregate_all(reference_logprobs, step_ids, num_steps, empty="zero", max_steps=max_steps,
-                         name="reference_logprobs")[(token_agg, step_agg)]
+    return aggregate_all(logprobs, step_ids, num_steps, empty="zero", max_steps=max_steps,
+                         name=name)[(token_agg, step_agg)]
 
 
 # ----------------------------------------------------------------------------------------------

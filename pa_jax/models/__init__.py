@@ -53,7 +53,7 @@ def forward(model: Decoder, input_ids: jax.Array, attention_mask: jax.Array) -> 
     return _forward(graphdef, state, input_ids, attention_mask)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("softcap",))
+@functools.partial(jax.jit, static_argnums=(0, 4))  # graphdef, softcap
 def _token_logprobs_pure(graphdef, state, input_ids, attention_mask, softcap, kv_prefix=None):
     from pa_jax.head import head_statistics
 
