@@ -286,29 +286,55 @@ _PROGRAMS: list = []  # small memo of (policy model, reference model, settings, 
 
 
 def chunked_forward(model, ids, mask, kv_prefix, chunk: int):
-    """Hidden states [B, T, D] of a long row, query block by query block with causal block skipping.
+    """Hidden states [B, T, D] of a long row computed ``chunk`` queries at a time (``lax.scan``).
 
-    Block j (queries [j C, (j+1) C)) runs the model against the keys/values of the prefix and of blocks
-    0..j-1 (``kv_prefix``) and causally against itself, so its attention scores take
-    ``[B, heads, C, P + (j+1) C]``: keys after the block's end, which the causal mask hides anyway, are
-    never computed (about half the attention work of a full-width buffer) and no ``[T, P + T]`` array
-    is built. A static Python loop (one shape per block, ``T / C`` of them); the result equals one
-    full causal forward. ``T`` must be a multiple of ``chunk``.
+    A key/value buffer of fixed length ``P + T`` (the shared prefix, then the row) is filled chunk by
+    chunk; chunk ``j`` attends to the valid buffer entries (prefix and chunks ``< j``) and causally to
+    itself, so attention scores take ``[B, heads, chunk, P + T]`` instead of ``[B, heads, T, P + T]``
+    and the result equals one full causal forward. ``T`` must be a multiple of ``chunk``.
     """
-    from pa_jax.models.decoder import concat_kv
+    from pa_jax.models.decoder import KVCache
 
     b, t = ids.shape
     if t % chunk:
         raise ValueError(f"row length {t} is not a multiple of attention_chunk {chunk}")
-    cache = None if kv_prefix is None else kv_prefix.broadcast_to(b)
-    hs = []
-    for j in range(t // chunk):
-        sl = slice(j * chunk, (j + 1) * chunk)
-        h, new = model(ids[:, sl], mask[:, sl], kv_prefix=cache, return_kv=True)
-        hs.append(h)
-        if j + 1 < t // chunk:
-            cache = new if cache is None else concat_kv(cache, new)
-    return jnp.concatenate(hs, axis=1)
+    shapes = jax.eval_shape(lambda: model(ids[:, :1], mask[:, :1], return_kv=True)[1])
+    p = 0 if kv_prefix is None else kv_prefix.valid.shape[1]
+    total = p + t
+
+    def buf(sd, pre):
+        z = jnp.zeros((b, total) + sd.shape[2:], sd.dtype)
+        if pre is not None:
+            z = z.at[:, :p].set(jnp.broadcast_to(pre.astype(sd.dtype), (b,) + pre.shape[1:]))
+        return z
+
+    pk = [None] * len(shapes.keys) if kv_prefix is None else kv_prefix.keys
+    pv = [None] * len(shapes.values) if kv_prefix is None else kv_prefix.values
+    keys = tuple(buf(sd, x) for sd, x in zip(shapes.keys, pk))
+    values = tuple(buf(sd, x) for sd, x in zip(shapes.values, pv))
+    valid = jnp.zeros((b, total), bool)
+    positions = jnp.zeros((b, total), jnp.int32)
+    if kv_prefix is not None:
+        valid = valid.at[:, :p].set(jnp.broadcast_to(kv_prefix.valid.astype(bool), (b, p)))
+        positions = positions.at[:, :p].set(jnp.broadcast_to(kv_prefix.positions.astype(jnp.int32), (b, p)))
+    mask = mask.astype(bool)
+
+    def body(carry, j):
+        keys, values, valid, positions = carry
+        start = j * chunk
+        x = jax.lax.dynamic_slice_in_dim(ids, start, chunk, axis=1)
+        mk = jax.lax.dynamic_slice_in_dim(mask, start, chunk, axis=1)
+        h, new = model(x, mk, kv_prefix=KVCache(keys, values, positions, valid), return_kv=True)
+        at = p + start
+        keys = tuple(jax.lax.dynamic_update_slice_in_dim(a, n.astype(a.dtype), at, axis=1) for a, n in zip(keys, new.keys))
+        values = tuple(jax.lax.dynamic_update_slice_in_dim(a, n.astype(a.dtype), at, axis=1)
+                       for a, n in zip(values, new.values))
+        valid = jax.lax.dynamic_update_slice_in_dim(valid, new.valid.astype(bool), at, axis=1)
+        positions = jax.lax.dynamic_update_slice_in_dim(positions, new.positions.astype(jnp.int32), at, axis=1)
+        return (keys, values, valid, positions), h
+
+    _, hs = jax.lax.scan(body, (keys, values, valid, positions), jnp.arange(t // chunk))
+    return jnp.moveaxis(hs, 0, 1).reshape(b, t, hs.shape[-1])
 
 
 def build_program(policy, reference, *, top_k: int, vocab_chunk: int, token_block: int, use_seg: bool,
