@@ -296,6 +296,8 @@ def test_smollm2_gguf_matches_transformers_and_prefers_real_sentence(smollm2):
     ll = (lp * tmask).sum(axis=1)
     gap = ll[0] - ll[1:].max()
     assert gap > 20.0, (ll, gap)
+    print(f"SmolLM2 GGUF vs transformers: max|logit diff| {max_logit_diff:.2e} (max|logit| {np.abs(want[valid]).max():.1f}), "
+          f"max|log-prob diff| {np.abs(lp - want_lp)[tmask].max():.2e}; log-likelihood real {ll[0]:.1f} vs shuffled {ll[1:].round(1)}")
 
 
 def _gemma3_path(tmp_path_factory) -> pathlib.Path:
@@ -331,6 +333,7 @@ def test_gemma3_270m_gguf_matches_transformers(tmp_path_factory):
     want = torch_logits(ref.eval(), ids, mask)
     valid = mask.astype(bool)
     assert np.abs(got - want)[valid].max() <= 1e-3
+    print(f"gemma-3-270m GGUF vs transformers: max|logit diff| {np.abs(got - want)[valid].max():.2e}")
     tmask = valid[:, 1:] & valid[:, :-1]
     ll = (lp * tmask).sum(axis=1)
     assert ll[0] - ll[1] > 20.0, ll
