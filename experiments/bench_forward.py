@@ -11,6 +11,7 @@ XLA uses all cores by default.
 
     python experiments/bench_forward.py                       # float32 and bfloat16, B=4, T=256
     python experiments/bench_forward.py --dtypes float32 --batch 8 --seq 128 --out results/bench_forward.json
+    python experiments/bench_forward.py --batch 1 --seq 4096 --repeats 2 --impls dense blocked   # long rows
     python experiments/bench_forward.py --mfu                 # GPU/TPU only: MFU of a 1B-scale config
 
 ``--mfu`` builds a randomly initialized Llama-3.2-1B-shaped decoder in bfloat16 and reports model FLOPs
@@ -97,6 +98,14 @@ def bench_cpu(args) -> dict:
         def jax_fwd():
             return M.forward(model, ids_j, mask_j).block_until_ready()
 
+        impl_t = {}
+        for impl in args.impls:  # each attention implementation of pa-jax, against the same torch run below
+            model.attention_impl = impl
+            for _ in range(args.warmup):
+                jax_fwd()
+            impl_t[impl] = [_median_seconds(jax_fwd, 1, 0) for _ in range(args.repeats)]
+        model.attention_impl = "auto"
+
         def torch_fwd():
             with torch.inference_mode():
                 return ref.model(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
@@ -116,10 +125,13 @@ def bench_cpu(args) -> dict:
             "ratio": torch_s / jax_s,
             "pa_jax_seconds": jax_t,
             "transformers_seconds": torch_t,
+            "pa_jax_tokens_per_s_by_attention": {k: tokens / float(np.median(v)) for k, v in impl_t.items()},
+            "ratio_by_attention": {k: torch_s / float(np.median(v)) for k, v in impl_t.items()},
         }
         results["dtypes"][dtype] = row
         print(f"{dtype:9s} pa-jax {row['pa_jax_tokens_per_s']:9.1f} tok/s   transformers "
-              f"{row['transformers_tokens_per_s']:9.1f} tok/s   ratio {row['ratio']:.2f}", flush=True)
+              f"{row['transformers_tokens_per_s']:9.1f} tok/s   ratio {row['ratio']:.2f}   by attention "
+              f"{ {k: round(v, 2) for k, v in row['ratio_by_attention'].items()} }", flush=True)
     return results
 
 
@@ -189,6 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--impls", nargs="*", default=[], choices=["dense", "blocked"],
+                    help="also time pa-jax with each attention implementation forced (e.g. --seq 4096 --batch 1)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--mfu", action="store_true", help="only the MFU mode (1B-scale config on GPU/TPU)")
     ap.add_argument("--mfu-batch", type=int, default=8)

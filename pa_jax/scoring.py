@@ -13,10 +13,17 @@ handful of programs.
 
 Less work than a plain forward:
 
-* *Shared prefix*: when every trajectory starts with the same tokens (e.g. the ~2k-token airline
-  policy), its keys/values are computed once per model (``return_kv``) and every row holds only
-  the suffix, attending to the cached prefix (``kv_prefix``). The prefix stops before the first
-  position whose hidden state is needed, so no statistic changes.
+* *Long rows in chunks against a KV buffer*: a row longer than ``attention_chunk`` tokens (and every
+  row when there is a shared prefix) runs ``attention_chunk`` tokens at a time; each chunk writes its
+  keys/values into a preallocated per-row buffer in place (``model(..., cache=, cache_index=)``,
+  donated) and attends to the buffer with causal block skipping. One compiled step program per
+  (rows, buffer size) serves every chunk, every row length, and both models when they share an
+  architecture, so the number of compilations no longer grows with the number of row lengths, and
+  rows are padded only to a multiple of the chunk.
+* *Shared prefix*: when every trajectory starts with the same tokens (e.g. the ~1.3k-token airline
+  policy), its keys/values are computed once per model and copied into every row's buffer, and every
+  row holds only the suffix. The prefix stops before the first position whose hidden state is needed,
+  so no statistic changes.
 * *Packing*: without a shared prefix, short trajectories are packed into one row (segment ids:
   tokens attend only inside their own trajectory, positions restart) by first-fit decreasing.
   Models with Gated DeltaNet layers neither pack nor share prefixes.
@@ -98,7 +105,7 @@ class ScoringOptions:
     pack_length: int = 1024  # rows of packed short trajectories hold at most this many tokens
     share_prefix: bool = True
     min_prefix: int = 64
-    attention_chunk: int = 1024  # rows longer than this run in query chunks against a KV buffer
+    attention_chunk: int = 512  # rows longer than this (all rows with a shared prefix) run in chunks of this size
     vocab_chunk: int = 8192
     token_block: int = 512
 
@@ -112,7 +119,8 @@ class Batch:
     length: int
     num_positions: int
     num_rows: int  # padded row count (a power of two, multiple of the data axis)
-    chunked: bool = False  # single-trajectory rows run in attention chunks (see `chunked_forward`)
+    chunked: bool = False  # single-trajectory rows run in chunks against a KV buffer (`_chunked_hidden`)
+    buffer: int = 0  # chunked: KV buffer entries per row (padded shared prefix + row, rounded to a bucket)
 
 
 @dataclass(frozen=True)
@@ -195,17 +203,31 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
     return int(-(-n // buckets[-1]) * buckets[-1])  # beyond the table: multiples of the largest bucket
 
 
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
 def make_plan(
     rendered: Sequence[Rendered], options: ScoringOptions, *, can_pack: bool, can_share_prefix: bool, data_parallel: int = 1
 ) -> Plan:
-    """Deterministic batches: bucket by (suffix) length, pack short rows, cap tokens per batch."""
+    """Deterministic batches.
+
+    Rows are formed first: with a shared prefix (or without packing) one trajectory per row, else short
+    trajectories packed first-fit decreasing into rows of at most ``pack_length`` tokens. A single-trajectory
+    row of an attention-only model that is longer than ``attention_chunk`` (every row, with a shared prefix)
+    is *chunked*: its length is rounded up to a multiple of the chunk, its KV buffer (padded prefix + row) to
+    a bucket, and batches hold ``data_parallel`` such rows of similar length. Other rows are rounded up to a
+    bucket and batched up to ``max_batch_tokens`` tokens, a power-of-two number of rows.
+    """
     prefix = shared_prefix_length(rendered, options.min_prefix) if (options.share_prefix and can_share_prefix) else 0
+    c = options.attention_chunk
+    pre_pad = _round_up(prefix, c)
     lengths = [len(r) - prefix for r in rendered]
     npos = [len(scored_targets(r)) for r in rendered]
     order = sorted(range(len(rendered)), key=lambda i: (-lengths[i], i))
     rows: list[list[int]] = []
     if options.pack and can_pack and prefix == 0:
-        cap_len = min(options.pack_length, options.attention_chunk) if can_share_prefix else options.pack_length
+        cap_len = min(options.pack_length, c) if can_share_prefix else options.pack_length
         fill: list[int] = []
         for i in order:
             if lengths[i] > cap_len // 2:
@@ -222,27 +244,35 @@ def make_plan(
                 fill.append(lengths[i])
     else:
         rows = [[i] for i in order]
-    def row_len(row):
-        n = _bucket(sum(lengths[i] for i in row), options.bucket_lengths)
-        c = options.attention_chunk
-        return n if (n <= c or not can_share_prefix or len(row) > 1) else -(-n // c) * c
 
-    keyed = sorted(((row_len(row), row) for row in rows), key=lambda x: (-x[0], x[1][0]))
+    def is_chunked(row):
+        return can_share_prefix and len(row) == 1 and (prefix > 0 or lengths[row[0]] > c)
+
+    chunked_rows = sorted((r for r in rows if is_chunked(r)), key=lambda r: (-lengths[r[0]], r[0]))
+    plain = sorted(((_bucket(sum(lengths[i] for i in row), options.bucket_lengths), row) for row in rows
+                    if not is_chunked(row)), key=lambda x: (-x[0], x[1][0]))
     batches: list[Batch] = []
+
+    def npos_of(group):
+        return max(16, _pow2(max(max(sum(npos[i] for i in row) for row in group), 1)))
+
+    for k in range(0, len(chunked_rows), data_parallel):
+        group = tuple(tuple(r) for r in chunked_rows[k:k + data_parallel])
+        length = _round_up(max(lengths[r[0]] for r in group), c)
+        buffer = _bucket(pre_pad + length, options.bucket_lengths)
+        batches.append(Batch(len(batches), group, length, npos_of(group), data_parallel, True, buffer))
     k = 0
-    while k < len(keyed):
-        length = keyed[k][0]
+    while k < len(plain):
+        length = plain[k][0]
         per = max(1, options.max_batch_tokens // length)
         per = max(data_parallel, (1 << (per.bit_length() - 1)) // data_parallel * data_parallel)
         group = []
-        while k < len(keyed) and keyed[k][0] == length and len(group) < per:
-            group.append(tuple(keyed[k][1]))
+        while k < len(plain) and plain[k][0] == length and len(group) < per:
+            group.append(tuple(plain[k][1]))
             k += 1
         nrows = min(per, max(data_parallel, _pow2(len(group))))
         nrows = -(-nrows // data_parallel) * data_parallel
-        npmax = max(sum(npos[i] for i in row) for row in group)
-        chunked = can_share_prefix and length > options.attention_chunk and all(len(r) == 1 for r in group)
-        batches.append(Batch(len(batches), tuple(group), length, max(16, _pow2(max(npmax, 1))), nrows, chunked))
+        batches.append(Batch(len(batches), tuple(group), length, npos_of(group), nrows))
     return Plan(prefix, tuple(batches))
 
 
@@ -282,128 +312,125 @@ def supports_packing(config: Any) -> bool:
     return not any("linear" in str(t) for t in getattr(config, "layer_types", ()))
 
 
-_PROGRAMS: list = []  # small memo of (policy model, reference model, settings, program)
+_PROGRAMS: dict = {}  # memo: settings -> jitted head / full-row programs (jit then caches by shape)
 
 
-def chunked_forward(model, ids, mask, kv_prefix, chunk: int):
-    """Hidden states [B, T, D] of a long row computed ``chunk`` queries at a time (``lax.scan``).
-
-    A key/value buffer of fixed length ``P + T`` (the shared prefix, then the row) is filled chunk by
-    chunk; chunk ``j`` attends to the valid buffer entries (prefix and chunks ``< j``) and causally to
-    itself, so attention scores take ``[B, heads, chunk, P + T]`` instead of ``[B, heads, T, P + T]``
-    and the result equals one full causal forward. ``T`` must be a multiple of ``chunk``.
-    """
-    from pa_jax.models.decoder import KVCache
-
-    b, t = ids.shape
-    if t % chunk:
-        raise ValueError(f"row length {t} is not a multiple of attention_chunk {chunk}")
-    shapes = jax.eval_shape(lambda: model(ids[:, :1], mask[:, :1], return_kv=True)[1])
-    p = 0 if kv_prefix is None else kv_prefix.valid.shape[1]
-    total = p + t
-
-    def buf(sd, pre):
-        z = jnp.zeros((b, total) + sd.shape[2:], sd.dtype)
-        if pre is not None:
-            z = z.at[:, :p].set(jnp.broadcast_to(pre.astype(sd.dtype), (b,) + pre.shape[1:]))
-        return z
-
-    pk = [None] * len(shapes.keys) if kv_prefix is None else kv_prefix.keys
-    pv = [None] * len(shapes.values) if kv_prefix is None else kv_prefix.values
-    keys = tuple(buf(sd, x) for sd, x in zip(shapes.keys, pk))
-    values = tuple(buf(sd, x) for sd, x in zip(shapes.values, pv))
-    valid = jnp.zeros((b, total), bool)
-    positions = jnp.zeros((b, total), jnp.int32)
-    if kv_prefix is not None:
-        valid = valid.at[:, :p].set(jnp.broadcast_to(kv_prefix.valid.astype(bool), (b, p)))
-        positions = positions.at[:, :p].set(jnp.broadcast_to(kv_prefix.positions.astype(jnp.int32), (b, p)))
-    mask = mask.astype(bool)
-
-    def body(carry, j):
-        keys, values, valid, positions = carry
-        start = j * chunk
-        x = jax.lax.dynamic_slice_in_dim(ids, start, chunk, axis=1)
-        mk = jax.lax.dynamic_slice_in_dim(mask, start, chunk, axis=1)
-        h, new = model(x, mk, kv_prefix=KVCache(keys, values, positions, valid), return_kv=True)
-        at = p + start
-        keys = tuple(jax.lax.dynamic_update_slice_in_dim(a, n.astype(a.dtype), at, axis=1) for a, n in zip(keys, new.keys))
-        values = tuple(jax.lax.dynamic_update_slice_in_dim(a, n.astype(a.dtype), at, axis=1)
-                       for a, n in zip(values, new.values))
-        valid = jax.lax.dynamic_update_slice_in_dim(valid, new.valid.astype(bool), at, axis=1)
-        positions = jax.lax.dynamic_update_slice_in_dim(positions, new.positions.astype(jnp.int32), at, axis=1)
-        return (keys, values, valid, positions), h
-
-    _, hs = jax.lax.scan(body, (keys, values, valid, positions), jnp.arange(t // chunk))
-    return jnp.moveaxis(hs, 0, 1).reshape(b, t, hs.shape[-1])
+def _memo(key, make):
+    if key not in _PROGRAMS:
+        if len(_PROGRAMS) > 16:
+            _PROGRAMS.clear()
+        _PROGRAMS[key] = make()
+    return _PROGRAMS[key]
 
 
-def build_program(policy, reference, *, top_k: int, vocab_chunk: int, token_block: int, use_seg: bool,
-                  same_vocab: bool, chunk: int | None = None):
-    """Memoized `_build_program`: reusing the jitted function reuses its compiled shapes."""
-    settings = (top_k, vocab_chunk, token_block, use_seg, same_vocab, chunk)
-    rm = None if reference is None else reference[1]
-    for pm, r, st, prog in _PROGRAMS:
-        if pm is policy[1] and r is rm and st == settings:
-            return prog
-    prog = _build_program(policy, reference, top_k=top_k, vocab_chunk=vocab_chunk, token_block=token_block,
-                          use_seg=use_seg, same_vocab=same_vocab, chunk=chunk)
-    _PROGRAMS.append((policy[1], rm, settings, prog))
-    del _PROGRAMS[:-2]
-    return prog
-
-
-def _build_program(policy, reference, *, top_k: int, vocab_chunk: int, token_block: int, use_seg: bool,
-                   same_vocab: bool, chunk: int | None = None):
-    """A jitted function (policy_state, reference_state, ids, mask, seg, pos, tgt, kv_p, kv_r) -> stats dict.
-
-    policy / reference: (config, model) pairs; reference may be None (policy-only statistics)."""
+def step_program(graphdef):
+    """jit(state, ids [R, C], mask [R, C], cache, index) -> (hidden [R, C, D], cache): one chunk of rows,
+    written into the KV buffer ``cache`` at ``index`` (donated: updated in place). Memoized per graphdef,
+    so a policy and reference of one architecture share every compiled shape."""
     from flax import nnx
 
-    from pa_jax.head import gather_positions, head_statistics, paired_head_statistics
+    def step(state, ids, mask, cache, index):
+        return nnx.merge(graphdef, state)(ids, mask, cache=cache, cache_index=index)
 
-    pcfg, pmodel = policy
-    gp, _ = nnx.split(pmodel)
-    if reference is not None:
-        rcfg, rmodel = reference
-        gr, _ = nnx.split(rmodel)
+    return _memo(("step", graphdef), lambda: jax.jit(step, donate_argnames=("cache",)))
+
+
+def _empty_buffer(model, rows: int, length: int, prefix=None, prefix_len: int = 0):
+    """An all-invalid KV buffer [rows, length] for ``model``, holding ``prefix[:, :prefix_len]`` in front."""
+    from flax import nnx
+
+    from pa_jax.models.decoder import KVCache
+
+    g = nnx.split(model)[0]
+    shapes = _memo(("kv_shapes", g), lambda: jax.eval_shape(lambda: model(jnp.zeros((1, 1), jnp.int32), return_kv=True)[1]))
+
+    def make(pre):
+        buf = KVCache.empty(shapes, rows, length)
+        if pre is None:
+            return buf
+        put = lambda z, a: z.at[:, :prefix_len].set(jnp.broadcast_to(a[:, :prefix_len], (rows, prefix_len) + a.shape[2:]))  # noqa: E731
+        return jax.tree.map(put, buf, pre)
+
+    return _memo(("buffer", g, rows, length, prefix_len, prefix is None), lambda: jax.jit(make))(prefix)
+
+
+def _chunked_hidden(model, state, ids, mask, *, chunk: int, buffer: int, prefix=None, prefix_len: int = 0):
+    """Final hidden states [R, T, D] of rows ``ids`` [R, T] (T a multiple of ``chunk``), run chunk by chunk
+    against a KV buffer of ``buffer`` entries that starts with ``prefix[:, :prefix_len]`` (a shared prefix)."""
+    from flax import nnx
+
+    step = step_program(nnx.split(model)[0])
+    cache = _empty_buffer(model, ids.shape[0], buffer, prefix, prefix_len)
+    hs = []
+    for j in range(0, ids.shape[1], chunk):
+        h, cache = step(state, ids[:, j:j + chunk], mask[:, j:j + chunk], cache, np.int32(prefix_len + j))
+        hs.append(h)
+    del cache
+    return hs[0] if len(hs) == 1 else jnp.concatenate(hs, axis=1)
+
+
+def _prefix_buffer(model, state, ids: np.ndarray, *, chunk: int, rows: int, buffer: int):
+    """KV cache [rows, n] of the shared prefix ``ids`` padded to n = a multiple of ``chunk`` (computed in a
+    buffer of ``buffer`` entries, the shape the rows' step program is compiled for, then cut to n)."""
+    from flax import nnx
+
+    n = _round_up(len(ids), chunk)
+    x = np.zeros((rows, n), np.int32)
+    m = np.zeros((rows, n), np.int32)
+    x[:, :len(ids)] = ids
+    m[:, :len(ids)] = 1
+    step = step_program(nnx.split(model)[0])
+    cache = _empty_buffer(model, rows, buffer)
+    for j in range(0, n, chunk):
+        _, cache = step(state, jnp.asarray(x[:, j:j + chunk]), jnp.asarray(m[:, j:j + chunk]), cache, np.int32(j))
+    return jax.tree.map(lambda a: a[:, :n], cache)  # keep only the prefix entries
+
+
+def head_program(policy_cfg, reference_cfg, *, top_k: int, vocab_chunk: int, token_block: int, same_vocab: bool):
+    """jit(ph [R, N, D], pw [V, D], rh, rw, tgt [R, N]) -> statistics of the hidden states at the scored
+    positions (``gather_program`` picks them; reference arguments None: policy only). Memoized per settings;
+    compiled per (R, N), N a power of two."""
+    from pa_jax.head import head_statistics, paired_head_statistics
+
     kw = dict(top_k=top_k, vocab_chunk=vocab_chunk, token_block=token_block)
+    pcap = policy_cfg.final_logit_softcap
+    rcap = None if reference_cfg is None else reference_cfg.final_logit_softcap
 
-    def hidden(g, state, ids, mask, seg, pos, kv, chunked):
-        m = nnx.merge(g, state)
-        if chunked:
-            h = chunked_forward(m, ids, mask, kv, chunk)
-        else:
-            h = m(ids, mask, segment_ids=seg if use_seg else None, kv_prefix=kv)
-        return gather_positions(h, pos), m.unembedding()
-
-    def program(sp, sr, ids, mask, seg, pos, tgt, kvp, kvr, chunked):
-        ph, pw = hidden(gp, sp, ids, mask, seg, pos, kvp, chunked)
+    def head(ph, pw, rh, rw, tgt):
         out = {}
-        if reference is None:
-            ps = head_statistics(ph, pw, tgt, softcap=pcfg.final_logit_softcap, **kw)
+        if rh is None:
+            ps = head_statistics(ph, pw, tgt, softcap=pcap, **kw)
         else:
-            rh, rw = hidden(gr, sr, ids, mask, seg, pos, kvr, chunked)
             if same_vocab:
-                ps, rs, kl = paired_head_statistics(ph, pw, rh, rw, tgt, policy_softcap=pcfg.final_logit_softcap,
-                                                    reference_softcap=rcfg.final_logit_softcap, **kw)
+                ps, rs, kl = paired_head_statistics(ph, pw, rh, rw, tgt, policy_softcap=pcap, reference_softcap=rcap, **kw)
             else:
-                ps = head_statistics(ph, pw, tgt, softcap=pcfg.final_logit_softcap, **kw)
-                rs = head_statistics(rh, rw, tgt, softcap=rcfg.final_logit_softcap, **kw)
+                ps = head_statistics(ph, pw, tgt, softcap=pcap, **kw)
+                rs = head_statistics(rh, rw, tgt, softcap=rcap, **kw)
                 kl = jnp.full(tgt.shape, jnp.nan, jnp.float32)
             out.update(reference_logprob=rs.target_logprob, reference_entropy=rs.entropy, kl=kl)
         out.update(policy_logprob=ps.target_logprob, policy_entropy=ps.entropy,
                    policy_mean_logprob=ps.mean_logprob, policy_topk=ps.topk_logprobs)
         return out
 
-    return jax.jit(program, static_argnames=("chunked",))
+    key = ("head", pcap, rcap, reference_cfg is None, top_k, vocab_chunk, token_block, same_vocab)
+    return _memo(key, lambda: jax.jit(head))
 
 
-def _prefix_kv(model, ids: np.ndarray):
-    """Keys/values of the shared prefix [1, P] (computed once per model)."""
+def gather_program():
+    """jit(hidden [R, T, D], pos [R, N]) -> hidden[r, pos[r, n]] [R, N, D]."""
+    from pa_jax.head import gather_positions
+
+    return _memo(("gather",), lambda: jax.jit(gather_positions))
+
+
+def full_row_program(graphdef, use_seg: bool):
+    """jit(state, ids, mask, seg) -> hidden [R, T, D]: one forward of whole (possibly packed) rows."""
     from flax import nnx
 
-    g, s = nnx.split(model)
-    return jax.jit(lambda s, x: nnx.merge(g, s)(x, return_kv=True)[1])(s, jnp.asarray(ids[None]))
+    def fwd(state, ids, mask, seg):
+        return nnx.merge(graphdef, state)(ids, mask, segment_ids=seg if use_seg else None)
+
+    return _memo(("full", graphdef, use_seg), lambda: jax.jit(fwd))
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -563,16 +590,21 @@ def score_rendered(
         from flax import nnx
 
         use_seg = plan.prefix_length == 0 and options.pack and can
-        prog = build_program(policy, reference, top_k=options.top_k, vocab_chunk=options.vocab_chunk,
-                             token_block=options.token_block, use_seg=use_seg, same_vocab=same_vocab,
-                             chunk=options.attention_chunk if can else None)
-        sp = nnx.split(policy[1])[1]
-        sr = None if reference is None else nnx.split(reference[1])[1]
-        kvp = kvr = None
-        if plan.prefix_length:
-            pre = rendered[0].input_ids[: plan.prefix_length]
-            kvp = _prefix_kv(policy[1], pre)
-            kvr = None if reference is None else _prefix_kv(reference[1], pre)
+        head = head_program(pcfg, None if reference is None else reference[0], top_k=options.top_k,
+                            vocab_chunk=options.vocab_chunk, token_block=options.token_block, same_vocab=same_vocab)
+        models = [policy[1]] + ([] if reference is None else [reference[1]])
+        states = [nnx.split(m)[1] for m in models]
+        weights = [m.unembedding() for m in models]
+        chunk = options.attention_chunk
+        pre_len = _round_up(plan.prefix_length, chunk)
+        prefixes = [None] * len(models)
+        chunked = [b for b in todo if b.chunked]
+        gather = gather_program()
+        if plan.prefix_length and chunked:  # computed once per model, in the largest buffer shape
+            pre_ids = rendered[0].input_ids[: plan.prefix_length]
+            prefixes = [_prefix_buffer(m, st, pre_ids, chunk=chunk, rows=chunked[0].num_rows,
+                                       buffer=max(b.buffer for b in chunked)) for m, st in zip(models, states)]
+        previous_buffer = None
         sharding = None
         if mesh is not None:
             from jax.sharding import NamedSharding, PartitionSpec as P
@@ -581,8 +613,27 @@ def score_rendered(
         for b in todo:
             ids, mask, seg, pos, tgt, valid, where = _batch_arrays(rendered, b, plan.prefix_length, pad_id)
             dev = [ids, mask, seg, pos, tgt]
-            dev = [jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x) for x in dev]
-            out = prog(sp, sr, *dev, kvp, kvr, chunked=b.chunked)
+            ids, mask, seg, pos, tgt = [jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
+                                        for x in dev]
+            if b.chunked and previous_buffer not in (None, b.buffer):
+                # chunked batches come sorted by buffer size: a compiled step of the previous size (~50 MB
+                # of code for SmolLM2) will not be used again
+                for m in models:
+                    step_program(nnx.split(m)[0]).clear_cache()
+            previous_buffer = b.buffer if b.chunked else previous_buffer
+            hidden = []
+            for m, st, pre in zip(models, states, prefixes):
+                if b.chunked:
+                    hidden.append(_chunked_hidden(m, st, ids, mask, chunk=chunk, buffer=b.buffer, prefix=pre,
+                                                  prefix_len=pre_len if pre is not None else 0))
+                else:
+                    hidden.append(full_row_program(nnx.split(m)[0], use_seg)(st, ids, mask, seg))
+                hidden[-1] = gather(hidden[-1], pos)
+            if reference is None:
+                out = head(hidden[0], weights[0], None, None, tgt)
+            else:
+                out = head(hidden[0], weights[0], hidden[1], weights[1], tgt)
+            del hidden
             out = {k: np.asarray(v) for k, v in out.items()}
             batch_stats = {}
             for i, (r, sl) in where.items():
@@ -591,7 +642,7 @@ def score_rendered(
                 batch_stats[i] = d
             results.update(batch_stats)
             computed += 1
-            ntok = int(mask.sum()) + plan.prefix_length * sum(len(row) for row in b.rows)
+            ntok = int(np.asarray(mask).sum()) + plan.prefix_length * sum(len(row) for row in b.rows)
             tokens += ntok
             if cdir is not None:
                 name = f"batch_{b.index:05d}.npz"

@@ -245,6 +245,49 @@ def test_kv_prefix_equals_full_forward(case, converted):
             np.testing.assert_allclose(lp[r][ok], lp_full[r, P_: P_ + n - 1], atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["gemma2-softcaps", "olmo3-sliding-yarn", "qwen3-sliding-bias"])
+def test_dense_and_blocked_attention_agree(case, converted):
+    """The two attention implementations give the same hidden states on a padded batch (f32)."""
+    _, cfg, model, _ = converted(case)
+    ids, mask = padded_batch()
+    run = nnx.jit(lambda m, i, a, impl: m(i, a, attention_impl=impl), static_argnums=3)
+    hd = np.asarray(run(model, jnp.asarray(ids), jnp.asarray(mask), "dense"))
+    hb = np.asarray(run(model, jnp.asarray(ids), jnp.asarray(mask), "blocked"))
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(hb[valid], hd[valid], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="attention_impl"):
+        model(jnp.asarray(ids), attention_impl="flash")
+
+
+@pytest.mark.parametrize("impl", ["blocked", "dense"])
+@pytest.mark.parametrize("case", ["gemma2-softcaps", "olmo3-sliding-yarn"])
+def test_kv_buffer_chunks_equal_full_forward(case, impl, converted):
+    """Rows run chunk by chunk into an in-place KV buffer (with an invalid gap after the first chunk and a
+    right-padded row) give the hidden states of one ordinary forward (sliding windows and soft-caps on)."""
+    from pa_jax.models.decoder import KVCache
+
+    _, cfg, model, _ = converted(case)
+    rng = np.random.default_rng(3)
+    C, n_chunks, gap = 5, 3, 2
+    ids = rng.integers(1, V, size=(2, C * n_chunks))
+    mask = np.ones_like(ids)
+    mask[1, 11:] = 0
+    shapes = jax.eval_shape(lambda: model(jnp.zeros((1, 1), jnp.int32), return_kv=True)[1])
+    buf = KVCache.empty(shapes, 2, C * n_chunks + gap + 3)
+    step = nnx.jit(lambda m, i, a, c, at: m(i, a, cache=c, cache_index=at, attention_impl=impl))
+    hs = []
+    for j in range(n_chunks):
+        at = j * C + (gap if j else 0)
+        h, buf = step(model, jnp.asarray(ids[:, j * C:(j + 1) * C]), jnp.asarray(mask[:, j * C:(j + 1) * C]), buf,
+                      jnp.int32(at))
+        hs.append(np.asarray(h))
+    h = np.concatenate(hs, axis=1)
+    full = np.asarray(nnx.jit(lambda m, i, a: m(i, a, attention_impl="dense"))(model, jnp.asarray(ids), jnp.asarray(mask)))
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(h[valid], full[valid], atol=1e-5, rtol=0)
+    assert int(np.asarray(buf.valid).sum()) == int(mask.sum())
+
+
 def test_token_logprobs_matches_transformers(converted):
     hf, cfg, model, _ = converted("gemma3-softcaps-tied")
     ids, mask = padded_batch(4)

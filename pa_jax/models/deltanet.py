@@ -31,6 +31,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pa_jax.models import layers as L
+
 Array = jax.Array
 
 CHUNK_SIZE = 64
@@ -271,7 +273,7 @@ def gated_rms_norm(x: Array, gate: Array, weight: Array, eps: float) -> Array:
 
 def _linear(x: Array, w: Array) -> Array:
     """x @ w^T with w in HF layout [out, in]."""
-    return jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
+    return L.einsum_acc32("...i,oi->...o", x, w)
 
 
 def gated_deltanet(

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from pa_jax.models import layers as L
 import numpy as np
 
 Array = jax.Array
@@ -113,7 +115,7 @@ def per_layer_inputs(
     dtype = inputs_embeds.dtype
     tok = jnp.take(table, input_ids, axis=0).astype(dtype) * embed_scale(per_layer_dim, dtype)
     tok = tok.reshape(b, t, num_layers, per_layer_dim)
-    ctx = jnp.einsum("btd,od->bto", inputs_embeds, model_projection.astype(dtype))
+    ctx = L.einsum_acc32("btd,od->bto", inputs_embeds.astype(dtype), model_projection)
     ctx = _scale(ctx, float(inputs_embeds.shape[-1]) ** -0.5).reshape(b, t, num_layers, per_layer_dim)
     ctx = rms_norm_plain(ctx, projection_norm, eps)
     return _scale(ctx + tok, 2.0 ** -0.5)
@@ -133,7 +135,7 @@ def per_layer_residual(
 
     hidden [B, T, D]; per_layer_input [B, T, P]; gate [P, D]; projection [D, P]; post_norm [D].
     """
-    x = act(jnp.einsum("btd,pd->btp", hidden, gate.astype(hidden.dtype)))
+    x = act(L.einsum_acc32("btd,pd->btp", hidden, gate))
     x = x * per_layer_input.astype(hidden.dtype)
-    x = jnp.einsum("btp,dp->btd", x, projection.astype(hidden.dtype))
+    x = L.einsum_acc32("btp,dp->btd", x, projection)
     return hidden + rms_norm_plain(x, post_norm, eps)

@@ -7,6 +7,7 @@ operations run in float32, where casts happen) so that float32 forwards agree to
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -170,6 +171,33 @@ def attention_mask(
     return m[:, None, :, :]
 
 
+class MaskSpec(NamedTuple):
+    """The ingredients of the attention mask, without the [B, Tq, Tk] array (see :func:`attention_mask`).
+
+    Queries are sequence indices ``q_offset + arange(Tq)`` (a cached prefix of ``q_offset`` tokens comes
+    first), keys are ``arange(Tk)``. kv_valid [B, Tk] bool; q_positions [B, Tq] / kv_positions [B, Tk] int
+    (RoPE positions, used by the sliding window); q_segments / kv_segments [B, T*] or None (packed rows);
+    window: sliding window in positions or None.
+    """
+
+    q_offset: int
+    kv_valid: Array
+    q_positions: Array
+    kv_positions: Array
+    q_segments: Array | None = None
+    kv_segments: Array | None = None
+    window: int | None = None
+
+    def dense(self) -> Array:
+        """The boolean mask [B, 1, Tq, Tk] of :func:`attention_mask`."""
+        tq, tk = self.q_positions.shape[1], self.kv_valid.shape[1]
+        return attention_mask(
+            self.q_offset + jnp.arange(tq, dtype=jnp.int32), jnp.arange(tk, dtype=jnp.int32), self.kv_valid,
+            q_positions=self.q_positions, kv_positions=self.kv_positions, q_segments=self.q_segments,
+            kv_segments=self.kv_segments, window=self.window,
+        )
+
+
 # ---------------------------------------------------------------------------------------------- attention
 def attention(
     q: Array, k: Array, v: Array, mask: Array, *, scale: float, softcap: float | None = None
@@ -194,6 +222,99 @@ def attention(
     return out.reshape(b, t, n, hd)
 
 
+def blocked_attention(
+    q: Array, k: Array, v: Array, spec: MaskSpec, *, scale: float, softcap: float | None = None,
+    block_q: int = 256, block_k: int = 512,
+) -> Array:
+    """The same softmax(scale * q k^T [soft-capped] + mask) v as :func:`attention`, computed block by block.
+
+    Flash-attention style, for backends without a fused kernel (XLA:CPU): queries in blocks of ``block_q``
+    (``lax.scan``), and for each, keys in blocks of ``block_k`` (``lax.fori_loop``) with the online softmax
+
+        m' = max(m, max_s x_s),   l' = l e^(m - m') + sum_s e^(x_s - m'),   o' = o e^(m - m') + sum_s e^(x_s - m') v_s,
+
+    output o / l. Key blocks entirely after a query block's last index (causally invisible) are skipped
+    (``lax.cond``), so the work is about half that of a dense causal attention, and no array larger than
+    [B, heads, block_q, block_k] exists. The mask of each block is built from ``spec`` (same rule as
+    :func:`attention_mask`). Scores and the softmax are float32; probabilities are cast to v's dtype for
+    the weighted sum, which accumulates in float32.
+    q [B, T, N, hd], k/v [B, S, K, hd] (N a multiple of K) -> [B, T, N, hd].
+    """
+    b, t, n, hd = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    if s != spec.kv_valid.shape[1] or t != spec.q_positions.shape[1]:
+        raise ValueError(f"mask spec is for {spec.q_positions.shape[1]} queries / {spec.kv_valid.shape[1]} keys, "
+                         f"got q {q.shape} k {k.shape}")
+    g = n // kh
+    bq = min(block_q, t)
+    bk = min(block_k, s)
+    nq, nk = -(-t // bq), -(-s // bk)
+    tp, sp = nq * bq, nk * bk
+
+    def pad(x, length, value=0):
+        if x is None or x.shape[1] == length:
+            return x
+        widths = [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+        return jnp.pad(x, widths, constant_values=value)
+
+    # queries [nq, B, K, G, bq, hd]; keys / values [B, K, S', hd]
+    qb = pad(q, tp).reshape(b, nq, bq, kh, g, hd).transpose(1, 0, 3, 4, 2, 5)
+    kt = pad(k, sp).transpose(0, 2, 1, 3)
+    vt = pad(v, sp).transpose(0, 2, 1, 3)
+    kv_valid = pad(spec.kv_valid.astype(bool), sp, False)
+    kv_pos = pad(spec.kv_positions.astype(jnp.int32), sp)
+    kv_seg = pad(spec.kv_segments, sp, -1)
+    q_pos = pad(spec.q_positions.astype(jnp.int32), tp).reshape(b, nq, bq).transpose(1, 0, 2)
+    q_seg = None if spec.q_segments is None else pad(spec.q_segments, tp).reshape(b, nq, bq).transpose(1, 0, 2)
+    q_start = spec.q_offset + jnp.arange(nq, dtype=jnp.int32) * bq
+    # causally visible key blocks of each query block: up to the block holding its last query index
+    last = jnp.minimum(q_start + bq, spec.q_offset + t) - 1
+    n_blocks = jnp.minimum(last // bk + 1, nk)
+    scale_q = jnp.asarray(scale, jnp.float32)
+
+    def per_query_block(_, xs):
+        qblk, qs, qp, qsg, nkb = xs
+        qi = qs + jnp.arange(bq, dtype=jnp.int32)
+
+        def update(j, carry):
+            o, m, l = carry
+            ks = j * bk
+            kk = jax.lax.dynamic_slice_in_dim(kt, ks, bk, axis=2)
+            vv = jax.lax.dynamic_slice_in_dim(vt, ks, bk, axis=2)
+            ki = ks + jnp.arange(bk, dtype=jnp.int32)
+            x = jnp.einsum("bkgqd,bksd->bkgqs", qblk, kk, preferred_element_type=jnp.float32) * scale_q
+            if softcap is not None:
+                x = jnp.tanh(x / softcap) * softcap
+            vis = (ki[None, None, :] <= qi[None, :, None]) & jax.lax.dynamic_slice_in_dim(kv_valid, ks, bk, 1)[:, None, :]
+            if qsg is not None:
+                vis = vis & (qsg[:, :, None] == jax.lax.dynamic_slice_in_dim(kv_seg, ks, bk, 1)[:, None, :])
+            if spec.window is not None:
+                kp = jax.lax.dynamic_slice_in_dim(kv_pos, ks, bk, 1)
+                vis = vis & ((qp[:, :, None] - kp[:, None, :]) < spec.window)
+            vis = vis | (ki[None, None, :] == qi[None, :, None])  # as attention_mask: no empty row
+            x = jnp.where(vis[:, None, None], x, -jnp.inf)
+            m_new = jnp.maximum(m, x.max(-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.exp(x - m_safe[..., None])
+            corr = jnp.exp(m - m_safe)
+            l = l * corr + p.sum(-1)
+            o = o * corr[..., None] + jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vv.dtype), vv,
+                                                 preferred_element_type=jnp.float32)
+            return o, m_new, l
+
+        init = (jnp.zeros((b, kh, g, bq, hd), jnp.float32), jnp.full((b, kh, g, bq), -jnp.inf, jnp.float32),
+                jnp.zeros((b, kh, g, bq), jnp.float32))
+        # a static trip count with a cond (not a dynamic one) keeps the loop reverse-differentiable (training)
+        body = lambda j, carry: jax.lax.cond(j < nkb, update, lambda _, c: c, j, carry)  # noqa: E731
+        o, _, l = jax.lax.fori_loop(0, nk, body, init)
+        return None, (o / jnp.where(l > 0, l, 1.0)[..., None]).astype(q.dtype)
+
+    xs = (qb, q_start, q_pos, q_seg, n_blocks)
+    _, out = jax.lax.scan(per_query_block, None, xs)  # [nq, B, K, G, bq, hd]
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, tp, n, hd)
+    return out[:, :t]
+
+
 # ---------------------------------------------------------------------------------------------- mlp
 def activation(x: Array, kind: str) -> Array:
     """silu(x) = x sigmoid(x); gelu_tanh(x) = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
@@ -204,9 +325,19 @@ def activation(x: Array, kind: str) -> Array:
     raise ValueError(f"unknown activation {kind!r}")
 
 
+def einsum_acc32(spec: str, a: Array, b: Array) -> Array:
+    """``jnp.einsum(spec, a, b)`` accumulated in float32 and returned in a's dtype.
+
+    For float32 this is the plain einsum. For bfloat16 it is what torch does (f32 accumulation, one
+    rounding of the result) and on XLA:CPU it is also the fast path: with a float32 result type the dot
+    runs on the avx512_bf16 / AMX kernels (~2x float32 on this CPU), while a bfloat16 result type falls
+    back to a generic loop no faster than float32 (measured in experiments/bench_forward.py)."""
+    return jnp.einsum(spec, a, b.astype(a.dtype), preferred_element_type=jnp.float32).astype(a.dtype)
+
+
 def linear(x: Array, weight: Array, bias: Array | None = None) -> Array:
-    """y = x W^T + b with W in Hugging Face layout [out, in]."""
-    y = jnp.einsum("...i,oi->...o", x, weight)
+    """y = x W^T + b with W in Hugging Face layout [out, in] (float32 accumulation, see einsum_acc32)."""
+    y = einsum_acc32("...i,oi->...o", x, weight)
     if bias is not None:
         y = y + bias
     return y
