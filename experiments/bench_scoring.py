@@ -11,8 +11,8 @@ Each measurement runs in its own subprocess so that its peak resident memory (``
 own. Printed: tokens per second (trajectory tokens scored by both models, per second of scoring,
 model loading excluded; for pa-jax the first pass includes compilation, and a second pass over the
 same trajectories, already compiled, is timed too), peak memory, and the ratios pa-jax / baseline.
-The pa-jax workers hide torch from transformers (pa-jax does not depend on torch; this venv has it
-only for the baseline), so their memory is that of a pa-jax install; ``torch_imported`` records it.
+transformers imports torch in the pa-jax workers too (its GGUF tokenizer loader requires torch), so
+their peak memory includes torch's libraries; ``torch_imported`` records it.
 
 Two workloads:
   airline: the first --n-traj (default 10, the issue's reference workload) tau-bench airline
@@ -131,22 +131,8 @@ def torch_worker(cfg: dict) -> dict:
             "policy_logprob": [o[0][0].tolist() for o in out]}
 
 
-def hide_torch() -> None:
-    """Make transformers see no torch (as in a pa-jax install, which does not depend on it)."""
-    import importlib.util
-
-    find_spec = importlib.util.find_spec
-
-    def no_torch(name, *a, **k):
-        return None if name == "torch" or name.startswith("torch.") else find_spec(name, *a, **k)
-
-    importlib.util.find_spec = no_torch
-
-
 def jax_worker(cfg: dict) -> dict:
     import numpy as np
-
-    hide_torch()
 
     from pa_jax.models.load import load
     from pa_jax.scoring import ScoringOptions, load_tokenizer, score_rendered
@@ -211,6 +197,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n-traj", type=int, default=10)
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"],
+                    help="airline: pa-jax dtypes to run (bfloat16 always; float32 adds a worker)")
     ap.add_argument("--max-length", type=int, default=None, help="airline: keep the last N tokens of each trajectory")
     ap.add_argument("--long-length", type=int, default=16384)
     ap.add_argument("--torch-long-length", type=int, default=None,
@@ -230,7 +218,8 @@ def main() -> None:
         base = {"workload": "airline", "n_traj": args.n_traj, "max_length": args.max_length}
         t = run_worker({**base, "impl": "torch"}, args.timeout)
         jb = run_worker({**base, "impl": "jax", "dtype": "bfloat16", "second_pass": True}, args.timeout)
-        jf = run_worker({**base, "impl": "jax", "dtype": "float32"}, args.timeout)
+        jf = (run_worker({**base, "impl": "jax", "dtype": "float32"}, args.timeout) if "float32" in args.dtypes
+              else {"error": "not run (--dtypes)"})
         results["airline"] = {"torch_f32": t, "pa_jax_bf16": jb, "pa_jax_f32": jf}
         for name, j in (("pa_jax_bf16", jb), ("pa_jax_f32", jf)):
             if "error" in t or "error" in j:

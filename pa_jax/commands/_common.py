@@ -57,8 +57,9 @@ def add_common_arguments(p: argparse.ArgumentParser, *, token_agg: str = "mean",
     p.add_argument("--cache", default=None,
                    help="cache directory of per-token statistics (reused and resumed across runs)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32",
-                   help="parameter / matmul dtype (head statistics accumulate in float32). float32 is the default: "
-                        "on XLA:CPU bf16 measured slower and off by up to 0.3 nats per token (bench_scoring.py)")
+                   help="parameter / activation dtype (matmuls and head statistics accumulate in float32). "
+                        "bfloat16 is the fast path on CPUs with avx512_bf16 (bench_forward.py) but moves per-token "
+                        "log-probs by up to a few tenths of a nat; float32 is the default (bench_scoring.py)")
     p.add_argument("--top-k", type=int, default=20, help="top-k log-probs kept per token (authors: 20)")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per device batch")
     p.add_argument("--limit", type=int, default=None,
