@@ -243,14 +243,14 @@ def main() -> None:
             if tl != args.long_length:
                 jl = run_worker({"workload": "long", "impl": "jax", "dtype": "float32", "length": tl,
                                  "model_dir": d, "max_batch_tokens": tl}, args.timeout)
-        results["long"] = {"torch_f32": {**t, "length": tl}, "pa_jax_f32": {**j, "length": args.long_length}}
-        if jl is not None:
-            results["long"][f"pa_jax_f32_at_{tl}"] = {**jl, "length": tl}
         if "error" not in t and "error" not in j:
             j["memory_ratio_vs_torch"] = j["peak_rss_gib"] / t["peak_rss_gib"]
         if jl is not None and "error" not in jl and "error" not in t:
             jl["memory_ratio_same_length"] = jl["peak_rss_gib"] / t["peak_rss_gib"]
             jl["speed_ratio_same_length"] = jl["tokens_per_s"] / t["tokens_per_s"]
+        results["long"] = {"torch_f32": {**t, "length": tl}, "pa_jax_f32": {**j, "length": args.long_length}}
+        if jl is not None:
+            results["long"][f"pa_jax_f32_at_{tl}"] = {**jl, "length": tl}
 
     for wl in results.values():
         for v in wl.values():

@@ -137,7 +137,15 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     p = pathlib.Path(path)
     try:
         if p.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            try:
+                return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            except ImportError:
+                # transformers 5.23 resolves the config of most GGUF architectures through a loader that
+                # requires torch (not a pa-jax dependency); the tokenizer itself is built from the GGUF
+                # metadata without it. With torch present both give the same tokenizer (tested).
+                from transformers import PreTrainedTokenizerFast
+
+                return PreTrainedTokenizerFast.from_pretrained(str(p.parent), gguf_file=p.name)
         return AutoTokenizer.from_pretrained(str(p))
     except Exception as e:  # noqa: BLE001 - re-raised with the path
         raise ValueError(f"{p}: cannot load a tokenizer ({type(e).__name__}: {e})") from e

@@ -373,3 +373,27 @@ def test_llama3_rope_freqs_tensor_becomes_llama3_rope_scaling(tmp_path):
     with torch.no_grad():
         want = scaled(input_ids=torch.tensor(ids, dtype=torch.long), position_ids=torch.tensor(pos)).logits.numpy()
     assert np.abs(got - want).max() <= 1e-4
+
+
+def test_gguf_tokenizer_without_torch_equals_default(monkeypatch):
+    """Where transformers' GGUF config loader needs torch (not a pa-jax dependency), load_tokenizer builds
+    the same tokenizer from the GGUF metadata alone."""
+    import transformers
+
+    from pa_jax.scoring import load_tokenizer
+
+    path = _smollm2_path()
+    default = load_tokenizer(path)
+
+    def needs_torch(*a, **k):
+        raise ImportError("Please install torch and gguf>=0.10.0 to load a GGUF checkpoint in PyTorch.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", needs_torch)
+    fallback = load_tokenizer(path)
+    text = "\n[assistant]: tool_call(get_user, {'id': 'mia_li_3668'}) Hello, world! 12345 ÄÖ"
+    assert fallback.get_vocab() == default.get_vocab()
+    assert fallback(text)["input_ids"] == default(text)["input_ids"]
+    assert fallback.all_special_tokens == default.all_special_tokens
+    assert (fallback.bos_token_id, fallback.eos_token_id, fallback.pad_token_id) == (
+        default.bos_token_id, default.eos_token_id, default.pad_token_id)
+    assert fallback.chat_template == default.chat_template
