@@ -343,14 +343,14 @@ def step_program(graphdef):
     return _memo(("step", graphdef), lambda: jax.jit(step, donate_argnames=("cache",)))
 
 
-def _empty_buffer(model, rows: int, length: int, prefix=None, prefix_len: int = 0):
-    """An all-invalid KV buffer [rows, length] for ``model``, holding ``prefix[:, :prefix_len]`` in front."""
+def _empty_buffer(graphdef, state, rows: int, length: int, prefix=None, prefix_len: int = 0):
+    """An all-invalid KV buffer [rows, length] for the model, holding ``prefix[:, :prefix_len]`` in front."""
     from flax import nnx
 
     from pa_jax.models.decoder import KVCache
 
-    g = nnx.split(model)[0]
-    shapes = _memo(("kv_shapes", g), lambda: jax.eval_shape(lambda: model(jnp.zeros((1, 1), jnp.int32), return_kv=True)[1]))
+    shapes = _memo(("kv_shapes", graphdef), lambda: jax.eval_shape(
+        lambda s: nnx.merge(graphdef, s)(jnp.zeros((1, 1), jnp.int32), return_kv=True)[1], state))
 
     def make(pre):
         buf = KVCache.empty(shapes, rows, length)
@@ -359,38 +359,39 @@ def _empty_buffer(model, rows: int, length: int, prefix=None, prefix_len: int = 
         put = lambda z, a: z.at[:, :prefix_len].set(jnp.broadcast_to(a[:, :prefix_len], (rows, prefix_len) + a.shape[2:]))  # noqa: E731
         return jax.tree.map(put, buf, pre)
 
-    return _memo(("buffer", g, rows, length, prefix_len, prefix is None), lambda: jax.jit(make))(prefix)
+    return _memo(("buffer", graphdef, rows, length, prefix_len, prefix is None), lambda: jax.jit(make))(prefix)
 
 
-def _chunked_hidden(model, state, ids, mask, *, chunk: int, buffer: int, prefix=None, prefix_len: int = 0):
-    """Final hidden states [R, T, D] of rows ``ids`` [R, T] (T a multiple of ``chunk``), run chunk by chunk
-    against a KV buffer of ``buffer`` entries that starts with ``prefix[:, :prefix_len]`` (a shared prefix)."""
-    from flax import nnx
-
-    step = step_program(nnx.split(model)[0])
-    cache = _empty_buffer(model, ids.shape[0], buffer, prefix, prefix_len)
+def _run_chunks(graphdef, state, ids, mask, cache, *, chunk: int, start: int):
+    """Rows ``ids`` [R, T] (T a multiple of ``chunk``) through the step program chunk by chunk, written into
+    the KV buffer ``cache`` from entry ``start`` on; returns (hidden of each chunk, updated cache)."""
+    step = step_program(graphdef)
     hs = []
     for j in range(0, ids.shape[1], chunk):
-        h, cache = step(state, ids[:, j:j + chunk], mask[:, j:j + chunk], cache, np.int32(prefix_len + j))
+        h, cache = step(state, ids[:, j:j + chunk], mask[:, j:j + chunk], cache, np.int32(start + j))
         hs.append(h)
+    return hs, cache
+
+
+def _chunked_hidden(graphdef, state, ids, mask, *, chunk: int, buffer: int, prefix=None, prefix_len: int = 0):
+    """Final hidden states [R, T, D] of rows ``ids`` [R, T] (T a multiple of ``chunk``), run chunk by chunk
+    against a KV buffer of ``buffer`` entries that starts with ``prefix[:, :prefix_len]`` (a shared prefix)."""
+    cache = _empty_buffer(graphdef, state, ids.shape[0], buffer, prefix, prefix_len)
+    hs, cache = _run_chunks(graphdef, state, ids, mask, cache, chunk=chunk, start=prefix_len)
     del cache
     return hs[0] if len(hs) == 1 else jnp.concatenate(hs, axis=1)
 
 
-def _prefix_buffer(model, state, ids: np.ndarray, *, chunk: int, rows: int, buffer: int):
+def _prefix_buffer(graphdef, state, ids: np.ndarray, *, chunk: int, rows: int, buffer: int):
     """KV cache [rows, n] of the shared prefix ``ids`` padded to n = a multiple of ``chunk`` (computed in a
     buffer of ``buffer`` entries, the shape the rows' step program is compiled for, then cut to n)."""
-    from flax import nnx
-
     n = _round_up(len(ids), chunk)
     x = np.zeros((rows, n), np.int32)
     m = np.zeros((rows, n), np.int32)
     x[:, :len(ids)] = ids
     m[:, :len(ids)] = 1
-    step = step_program(nnx.split(model)[0])
-    cache = _empty_buffer(model, rows, buffer)
-    for j in range(0, n, chunk):
-        _, cache = step(state, jnp.asarray(x[:, j:j + chunk]), jnp.asarray(m[:, j:j + chunk]), cache, np.int32(j))
+    cache = _empty_buffer(graphdef, state, rows, buffer)
+    _, cache = _run_chunks(graphdef, state, jnp.asarray(x), jnp.asarray(m), cache, chunk=chunk, start=0)
     return jax.tree.map(lambda a: a[:, :n], cache)  # keep only the prefix entries
 
 
@@ -601,7 +602,7 @@ def score_rendered(
         head = head_program(pcfg, None if reference is None else reference[0], top_k=options.top_k,
                             vocab_chunk=options.vocab_chunk, token_block=options.token_block, same_vocab=same_vocab)
         models = [policy[1]] + ([] if reference is None else [reference[1]])
-        states = [nnx.split(m)[1] for m in models]
+        graphdefs, states = zip(*(nnx.split(m) for m in models))
         weights = [m.unembedding() for m in models]
         chunk = options.attention_chunk
         pre_len = _round_up(plan.prefix_length, chunk)
@@ -610,8 +611,8 @@ def score_rendered(
         gather = gather_program()
         if plan.prefix_length and chunked:  # computed once per model, in the largest buffer shape
             pre_ids = rendered[0].input_ids[: plan.prefix_length]
-            prefixes = [_prefix_buffer(m, st, pre_ids, chunk=chunk, rows=chunked[0].num_rows,
-                                       buffer=max(b.buffer for b in chunked)) for m, st in zip(models, states)]
+            prefixes = [_prefix_buffer(g, st, pre_ids, chunk=chunk, rows=chunked[0].num_rows,
+                                       buffer=max(b.buffer for b in chunked)) for g, st in zip(graphdefs, states)]
         previous_buffer = None
         sharding = None
         if mesh is not None:
@@ -626,16 +627,16 @@ def score_rendered(
             if b.chunked and previous_buffer not in (None, b.buffer):
                 # chunked batches come sorted by buffer size: a compiled step of the previous size (~50 MB
                 # of code for SmolLM2) will not be used again
-                for m in models:
-                    step_program(nnx.split(m)[0]).clear_cache()
+                for g in graphdefs:
+                    step_program(g).clear_cache()
             previous_buffer = b.buffer if b.chunked else previous_buffer
             hidden = []
-            for m, st, pre in zip(models, states, prefixes):
+            for g, st, pre in zip(graphdefs, states, prefixes):
                 if b.chunked:
-                    hidden.append(_chunked_hidden(m, st, ids, mask, chunk=chunk, buffer=b.buffer, prefix=pre,
+                    hidden.append(_chunked_hidden(g, st, ids, mask, chunk=chunk, buffer=b.buffer, prefix=pre,
                                                   prefix_len=pre_len if pre is not None else 0))
                 else:
-                    hidden.append(full_row_program(nnx.split(m)[0], use_seg)(st, ids, mask, seg))
+                    hidden.append(full_row_program(g, use_seg)(st, ids, mask, seg))
                 hidden[-1] = gather(hidden[-1], pos)
             if reference is None:
                 out = head(hidden[0], weights[0], None, None, tgt)

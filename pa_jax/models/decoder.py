@@ -212,13 +212,10 @@ class Attention(nnx.Module):
         q = L.apply_rope(q, ctx.cos, ctx.sin, f32=c.rope_f32)
         if not self.kv_shared:
             k = L.apply_rope(k, ctx.cos, ctx.sin, f32=c.rope_f32)
-        if ctx.cache_k is not None:  # write this chunk into the buffer, attend over the buffer
-            if not self.kv_shared:
-                k = jax.lax.dynamic_update_slice_in_dim(ctx.cache_k, k.astype(ctx.cache_k.dtype), ctx.cache_index, 1)
-                v = jax.lax.dynamic_update_slice_in_dim(ctx.cache_v, v.astype(ctx.cache_v.dtype), ctx.cache_index, 1)
-            new_kv = (k, v)
-        else:
-            new_kv = (k, v)
+        if ctx.cache_k is not None and not self.kv_shared:  # write this chunk into the buffer, attend over it
+            k = jax.lax.dynamic_update_slice_in_dim(ctx.cache_k, k.astype(ctx.cache_k.dtype), ctx.cache_index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(ctx.cache_v, v.astype(ctx.cache_v.dtype), ctx.cache_index, 1)
+        new_kv = (k, v)
         if ctx.prefix_k is not None:
             k = jnp.concatenate([ctx.prefix_k.astype(k.dtype), k], axis=1)
             v = jnp.concatenate([ctx.prefix_v.astype(v.dtype), v], axis=1)
@@ -397,15 +394,8 @@ class Decoder(nnx.Module):
             if cache.valid.shape[0] != b:
                 raise ValueError(f"cache batch {cache.valid.shape[0]} != input batch {b}")
             cache_index = jnp.asarray(cache_index, jnp.int32)
-            offset = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
-            if positions is None:
-                positions = jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0) + offset
-            positions = jnp.asarray(positions, jnp.int32)
-            cache = cache._replace(
-                positions=jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache_index, 1),
-                valid=jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache_index, 1))
             p = cache_index
-            prefix_valid, prefix_pos = cache.valid, cache.positions
+            offset = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]  # entries at/after cache_index: unused
         elif kv_prefix is not None:
             if segment_ids is not None:
                 raise ValueError("segment_ids cannot be combined with kv_prefix")
@@ -431,8 +421,11 @@ class Decoder(nnx.Module):
         positions = jnp.asarray(positions, jnp.int32)
         seg = None if segment_ids is None else jnp.asarray(segment_ids)
 
-        if cache is not None:  # the buffer already holds this call's tokens at cache_index
-            kv_valid, kv_pos = prefix_valid, prefix_pos
+        if cache is not None:  # write this call's tokens into the buffer; keys are the whole buffer
+            cache = cache._replace(
+                positions=jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache_index, 1),
+                valid=jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache_index, 1))
+            kv_valid, kv_pos = cache.valid, cache.positions
         else:
             kv_valid = jnp.concatenate([prefix_valid, valid], axis=1)
             kv_pos = jnp.concatenate([prefix_pos, positions], axis=1)

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pa_jax.models import layers as L
-import numpy as np
 
 Array = jax.Array
 
@@ -115,7 +115,7 @@ def per_layer_inputs(
     dtype = inputs_embeds.dtype
     tok = jnp.take(table, input_ids, axis=0).astype(dtype) * embed_scale(per_layer_dim, dtype)
     tok = tok.reshape(b, t, num_layers, per_layer_dim)
-    ctx = L.einsum_acc32("btd,od->bto", inputs_embeds.astype(dtype), model_projection)
+    ctx = L.einsum_acc32("btd,od->bto", inputs_embeds, model_projection)
     ctx = _scale(ctx, float(inputs_embeds.shape[-1]) ** -0.5).reshape(b, t, num_layers, per_layer_dim)
     ctx = rms_norm_plain(ctx, projection_norm, eps)
     return _scale(ctx + tok, 2.0 ** -0.5)
