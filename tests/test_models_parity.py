@@ -286,6 +286,13 @@ def test_kv_buffer_chunks_equal_full_forward(case, impl, converted):
     valid = mask.astype(bool)
     np.testing.assert_allclose(h[valid], full[valid], atol=1e-5, rtol=0)
     assert int(np.asarray(buf.valid).sum()) == int(mask.sum())
+    x, a = jnp.asarray(ids[:, :C]), jnp.asarray(mask[:, :C])
+    with pytest.raises(ValueError, match="cache_index"):
+        model(x, a, cache=buf)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        model(x, a, cache=buf, cache_index=0, return_kv=True)
+    with pytest.raises(ValueError, match="cache batch 2 != input batch 1"):
+        model(x[:1], a[:1], cache=buf, cache_index=0)
 
 
 def test_token_logprobs_matches_transformers(converted):
