@@ -613,7 +613,6 @@ def score_rendered(
             pre_ids = rendered[0].input_ids[: plan.prefix_length]
             prefixes = [_prefix_buffer(g, st, pre_ids, chunk=chunk, rows=chunked[0].num_rows,
                                        buffer=max(b.buffer for b in chunked)) for g, st in zip(graphdefs, states)]
-        previous_buffer = None
         sharding = None
         if mesh is not None:
             from jax.sharding import NamedSharding, PartitionSpec as P
@@ -624,12 +623,6 @@ def score_rendered(
             dev = [ids, mask, seg, pos, tgt]
             ids, mask, seg, pos, tgt = [jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
                                         for x in dev]
-            if b.chunked and previous_buffer not in (None, b.buffer):
-                # chunked batches come sorted by buffer size: a compiled step of the previous size (~50 MB
-                # of code for SmolLM2) will not be used again
-                for g in graphdefs:
-                    step_program(g).clear_cache()
-            previous_buffer = b.buffer if b.chunked else previous_buffer
             hidden = []
             for g, st, pre in zip(graphdefs, states, prefixes):
                 if b.chunked:

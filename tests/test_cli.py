@@ -97,6 +97,7 @@ def test_uq_end_to_end(ckpts, tmp_path, capsys):
     res2 = json.loads(out.read_text())
     assert res2["timing"]["batches_computed"] == 0
     assert res2["scores"]["progress_advantage/mean/mean"] == res["scores"]["progress_advantage/mean/mean"]
+    _check_figure(out, tmp_path)
 
 
 def test_bon_score_and_same_model_sanity(ckpts, tmp_path):
@@ -115,6 +116,7 @@ def test_bon_score_and_same_model_sanity(ckpts, tmp_path):
     rewards = np.array([[(t + k) % 2 for t in range(3)] for k in range(3)], float)
     assert m["pass_at_1"] == pytest.approx(rewards.mean()) and m["oracle_pass_at_n"] == 1.0
     assert m["bon_success_rate"] == pytest.approx(rewards[:, 0].mean())
+    _check_figure(out, tmp_path)
     # per-step JSON lines, policy only
     jl = tmp_path / "s.jsonl"
     assert main(["score", "--policy", str(d / "policy"), "--data", str(tmp_path / "trial_1" / "airline.json"),
@@ -148,6 +150,25 @@ def test_fa_who_and_when(ckpts, tmp_path):
         p = np.array(v["predictions"])
         assert v["step_accuracy"] == pytest.approx(np.mean(p == truth))
         assert v["mae"] == pytest.approx(np.mean(np.abs(p - truth)))
+    _check_figure(out, tmp_path)
+
+
+def _check_figure(results_json, tmp_path):
+    """paper_figs/real_data.py draws a PNG from this results file and rejects one of another kind."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(
+        "real_fig", pathlib.Path(__file__).resolve().parents[1] / "paper_figs" / "real_data.py")
+    fig = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fig)
+    assert fig.main([str(results_json), "--out-dir", str(tmp_path / "figs")]) == 0
+    png = tmp_path / "figs" / f"real_{results_json.stem}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = tmp_path / "not_results.json"
+    bad.write_text(json.dumps({"config": {"command": "score"}, "metrics": {}}))
+    with pytest.raises(ValueError, match="config.command"):
+        fig.load(str(bad))
 
 
 def test_cli_bad_inputs(ckpts, tmp_path, capsys, monkeypatch):
