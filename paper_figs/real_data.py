@@ -8,7 +8,10 @@
 * ``fa``: exact step accuracy of each (method / token aggregation) x decision rule, one heat map
   per split, with the within-1 accuracy in brackets.
 
-    python paper_figs/real_data.py docs/results/real_full --out-dir docs/figures
+    python paper_figs/real_data.py docs/results/real_full --out-dir docs/figures [--markdown]
+
+``--markdown`` also prints, per file, a table of each method's best aggregation (the tables in
+README.md come from it).
 
 The command is read from each file's ``config.command``; files of other kinds are rejected with the
 field that is missing.
@@ -102,6 +105,50 @@ def _rows_panel(ax, fam: dict[str, list[tuple[str, float]]], errors: Optional[di
     ax.grid(alpha=0.3, axis="x")
 
 
+def markdown(result: dict) -> str:
+    """A markdown table per results file: each method's best aggregation (uq: by AUROC, bon: by
+    best-of-N success rate, fa: by exact step accuracy over rules, per split)."""
+    kind, metrics = result["config"]["command"], result["metrics"]
+    lines = []
+    if kind == "uq":
+        lines += ["| method | best aggregation | AUROC [95% CI] | Spearman | Brier | ECE |", "|---|---|---|---|---|---|"]
+        fam = _by_family(metrics, "auroc")
+        for f in sorted(fam, key=lambda f: -((_best(fam[f]) or ("", -1.0))[1])):
+            b = _best(fam[f])
+            if b is None:
+                continue
+            m = metrics[b[0]]
+            lo, hi = m["auroc_ci95"]
+            lines.append(f"| {f} | {b[0]} | {m['auroc']:.3f} [{lo:.2f}, {hi:.2f}] | {m.get('spearman', float('nan')):.3f} "
+                         f"| {m.get('brier', float('nan')):.3f} | {m.get('ece', float('nan')):.3f} |")
+    elif kind == "bon":
+        any_m = next(iter(metrics.values()))
+        lines += [f"pass@1 {any_m['pass_at_1']:.3f}, oracle pass@N {any_m['oracle_pass_at_n']:.3f} "
+                  f"({any_m.get('n_tasks')} tasks, {any_m.get('n_rollouts')} rollouts)", "",
+                  "| method | best aggregation | best-of-N success | mean reward |", "|---|---|---|---|"]
+        fam = _by_family(metrics, "bon_success_rate")
+        for f in sorted(fam, key=lambda f: -((_best(fam[f]) or ("", -1.0))[1])):
+            b = _best(fam[f])
+            if b is None:
+                continue
+            m = metrics[b[0]]
+            lines.append(f"| {f} | {b[0]} | {m['bon_success_rate']:.3f} | {m['bon_mean_reward']:.3f} |")
+    else:
+        lines += ["| split | method | best token agg / rule | step acc | within-1 | MAE | agent acc | n |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for split, per in metrics.items():
+            best: dict[str, tuple] = {}
+            for key, rules in per.items():
+                for rule, v in rules.items():
+                    cand = (v["step_accuracy"], v["within1_accuracy"], key, rule, v)
+                    if _family(key) not in best or cand[:2] > best[_family(key)][:2]:
+                        best[_family(key)] = cand
+            for f, (acc, w1, key, rule, v) in sorted(best.items(), key=lambda kv: -kv[1][0]):
+                lines.append(f"| {split} | {f} | {key.split('/', 1)[1]} / {rule} | {acc:.3f} | {w1:.3f} | "
+                             f"{v['mae']:.2f} | {v['agent_accuracy']:.3f} | {v['n']} |")
+    return "\n".join(lines)
+
+
 def draw(result: dict, out: str) -> None:
     kind = result["config"]["command"]
     metrics = result["metrics"]
@@ -159,6 +206,7 @@ def draw(result: dict, out: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("inputs", nargs="+", help="results JSON files of `pa-jax uq|bon|fa`, or directories of them")
+    p.add_argument("--markdown", action="store_true", help="also print each method's best aggregation as a table")
     p.add_argument("--out-dir", default=None, help="where the PNGs go (default: beside each JSON); "
                    "each is named real_<JSON stem>.png")
     args = p.parse_args(argv)
@@ -176,6 +224,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            "real_" + os.path.splitext(os.path.basename(f))[0] + ".png")
         draw(result, out)
         print(f"wrote {out}")
+        if args.markdown:
+            print(f"\n{f}:\n{markdown(result)}\n")
     return 0
 
 

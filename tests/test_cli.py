@@ -165,6 +165,9 @@ def _check_figure(results_json, tmp_path):
     assert fig.main([str(results_json), "--out-dir", str(tmp_path / "figs")]) == 0
     png = tmp_path / "figs" / f"real_{results_json.stem}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = fig.markdown(fig.load(str(results_json))).splitlines()
+    assert table[0].startswith("| ") or table[0].startswith("pass@1")
+    assert sum(line.startswith("| ") for line in table) >= 4  # header, rule, and a row per method
     bad = tmp_path / "not_results.json"
     bad.write_text(json.dumps({"config": {"command": "score"}, "metrics": {}}))
     with pytest.raises(ValueError, match="config.command"):
