@@ -105,13 +105,21 @@ def _rows_panel(ax, fam: dict[str, list[tuple[str, float]]], errors: Optional[di
     ax.grid(alpha=0.3, axis="x")
 
 
+def _at_mean(metrics: dict, family: str, field: str) -> str:
+    m = metrics.get(f"{family}/mean/mean")
+    return "" if m is None or m.get(field) is None else f"{m[field]:.3f}"
+
+
 def markdown(result: dict) -> str:
     """A markdown table per results file: each method's best aggregation (uq: by AUROC, bon: by
-    best-of-N success rate, fa: by exact step accuracy over rules, per split)."""
+    best-of-N success rate, fa: by exact step accuracy over rules, per split). The best is chosen on
+    the evaluation data itself, so it is optimistic; uq and bon also show the default (mean tokens,
+    mean steps) aggregation."""
     kind, metrics = result["config"]["command"], result["metrics"]
     lines = []
     if kind == "uq":
-        lines += ["| method | best aggregation | AUROC [95% CI] | Spearman | Brier | ECE |", "|---|---|---|---|---|---|"]
+        lines += ["| method | best aggregation | AUROC [95% CI] | Spearman | Brier | ECE | AUROC at mean/mean |",
+                  "|---|---|---|---|---|---|---|"]
         fam = _by_family(metrics, "auroc")
         for f in sorted(fam, key=lambda f: -((_best(fam[f]) or ("", -1.0))[1])):
             b = _best(fam[f])
@@ -120,19 +128,20 @@ def markdown(result: dict) -> str:
             m = metrics[b[0]]
             lo, hi = m["auroc_ci95"]
             lines.append(f"| {f} | {b[0]} | {m['auroc']:.3f} [{lo:.2f}, {hi:.2f}] | {m.get('spearman', float('nan')):.3f} "
-                         f"| {m.get('brier', float('nan')):.3f} | {m.get('ece', float('nan')):.3f} |")
+                         f"| {m.get('brier', float('nan')):.3f} | {m.get('ece', float('nan')):.3f} | {_at_mean(metrics, f, 'auroc')} |")
     elif kind == "bon":
         any_m = next(iter(metrics.values()))
         lines += [f"pass@1 {any_m['pass_at_1']:.3f}, oracle pass@N {any_m['oracle_pass_at_n']:.3f} "
                   f"({any_m.get('n_tasks')} tasks, {any_m.get('n_rollouts')} rollouts)", "",
-                  "| method | best aggregation | best-of-N success | mean reward |", "|---|---|---|---|"]
+                  "| method | best aggregation | best-of-N success | mean reward | success at mean/mean |", "|---|---|---|---|---|"]
         fam = _by_family(metrics, "bon_success_rate")
         for f in sorted(fam, key=lambda f: -((_best(fam[f]) or ("", -1.0))[1])):
             b = _best(fam[f])
             if b is None:
                 continue
             m = metrics[b[0]]
-            lines.append(f"| {f} | {b[0]} | {m['bon_success_rate']:.3f} | {m['bon_mean_reward']:.3f} |")
+            lines.append(f"| {f} | {b[0]} | {m['bon_success_rate']:.3f} | {m['bon_mean_reward']:.3f} | "
+                         f"{_at_mean(metrics, f, 'bon_success_rate')} |")
     else:
         lines += ["| split | method | best token agg / rule | step acc | within-1 | MAE | agent acc | n |",
                   "|---|---|---|---|---|---|---|---|"]

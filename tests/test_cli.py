@@ -43,23 +43,30 @@ def _sim(i, task, reward):
     ]}
 
 
+def _authors_ids(sim, tok):
+    """Token ids of the authors' rendering of one simulation, and the [start, end) span of each
+    assistant message."""
+    ids, spans = [tok.bos_token_id], []
+    for j, m in enumerate(sim["messages"]):
+        sep = "\n" if j else ""
+        if m["role"] == "assistant":
+            tc = "".join(f"\ntool_call({c['name']}, {c['arguments']})" for c in m.get("tool_calls") or [])
+            text = f"{sep}[assistant]: {((m['content'] or '') + tc).strip()}"
+        else:
+            text = f"{sep}[{m['role']}]: {m['content']}"
+        piece = tok.encode(text, add_special_tokens=False)
+        if m["role"] == "assistant":
+            spans.append((len(ids), len(ids) + len(piece)))
+        ids += piece
+    return ids, spans
+
+
 def _oracle_pa(models, tok, path):
     """Progress advantage per trajectory, mean over steps of (mean policy - mean reference log-prob)
     over each assistant message's tokens, from PyTorch forwards of the authors' rendering."""
     out = []
     for sim in json.loads(path.read_text())["simulations"]:
-        ids, spans = [tok.bos_token_id], []
-        for j, m in enumerate(sim["messages"]):
-            sep = "\n" if j else ""
-            if m["role"] == "assistant":
-                tc = "".join(f"\ntool_call({c['name']}, {c['arguments']})" for c in m.get("tool_calls") or [])
-                text = f"{sep}[assistant]: {((m['content'] or '') + tc).strip()}"
-            else:
-                text = f"{sep}[{m['role']}]: {m['content']}"
-            piece = tok.encode(text, add_special_tokens=False)
-            if m["role"] == "assistant":
-                spans.append((len(ids), len(ids) + len(piece)))
-            ids += piece
+        ids, spans = _authors_ids(sim, tok)
         lp = {}
         for k in ("policy", "reference"):
             with torch.no_grad():
@@ -90,6 +97,13 @@ def test_uq_end_to_end(ckpts, tmp_path, capsys):
     m = res["metrics"]["progress_advantage/mean/mean"]
     assert m["auroc"] == pytest.approx(roc_auc_score(res["scores"]["labels"], pa))
     assert {"policy_logprob/mean/min", "self_certainty", "deepconf_tail"} <= set(res["metrics"])
+    # length controls: minus the number of tokens / steps of each trajectory
+    sims = json.loads(data.read_text())["simulations"]
+    n_tok = np.array([len(_authors_ids(sim, tok)[0]) for sim in sims], float)
+    np.testing.assert_array_equal(res["scores"]["length_control/tokens"], -n_tok)
+    np.testing.assert_array_equal(res["scores"]["length_control/steps"], -3.0)
+    assert res["metrics"]["length_control/tokens"]["auroc"] == pytest.approx(
+        roc_auc_score(res["scores"]["labels"], -n_tok))
     # second run: everything from the cache, same numbers
     rc = main(["uq", "--policy", str(d / "policy"), "--reference", str(d / "reference"), "--data", str(data),
                "--dtype", "float32", "--step-agg", "mean,min", "--bootstrap", "50", "--out", str(out),

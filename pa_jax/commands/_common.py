@@ -231,7 +231,8 @@ def trajectory_method_scores(sc: Scored, token_aggs: Sequence[str], step_aggs: S
                              ) -> dict[str, np.ndarray]:
     """``{"method/token_agg/step_agg": [B]}`` (higher = more confident) for progress advantage (when a
     reference is given) and every baseline of pa_jax.baselines; token-pooled baselines (Self-Certainty,
-    DeepConf) have one entry ``"method"``."""
+    DeepConf) have one entry ``"method"``; two length controls ``length_control/steps`` and
+    ``length_control/tokens`` (negative number of steps / tokens)."""
     from pa_jax import advantage, baselines
     from pa_jax.head import HeadStats
     from pa_jax.scoring import dense
@@ -264,6 +265,11 @@ def trajectory_method_scores(sc: Scored, token_aggs: Sequence[str], step_aggs: S
                     out.setdefault(f"{name}/{ta}", np.asarray(v))
                 else:
                     out[f"{name}/{ta}/{sa}"] = np.asarray(v)
+    # Length controls, no model involved: fewer steps / tokens = more confident. On tau-bench airline
+    # successful trajectories are shorter, so a sum-aggregated score can rank by length alone; a
+    # score that does not beat these carries nothing beyond length. Tokens before truncation.
+    out["length_control/steps"] = -ns.astype(np.float64)
+    out["length_control/tokens"] = -np.array([r.truncation.original_tokens for r in sc.rendered], np.float64)
     return out
 
 
