@@ -7,7 +7,7 @@
 #   bash experiments/real_data_smollm2.sh          # subsets, 1,024-token tails, float32: ~20 min on 2 CPU cores
 #   bash experiments/real_data_smollm2.sh full     # all 200 airline trajectories at full length and all
 #                                                  # 184 Who&When items up to 16,384 tokens, bfloat16:
-#                                                  # ~80 min on 2 CPU cores
+#                                                  # about 110 min on 2 CPU cores
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
