@@ -443,7 +443,10 @@ def full_row_program(graphdef, use_seg: bool):
 
 
 # ---------------------------------------------------------------------------------------------- cache
-def _atomic_write_bytes(path: pathlib.Path, write: Callable[[Any], None]) -> None:
+def atomic_write_bytes(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
+    """Write a file atomically: ``write(f)`` fills a temp file (binary) in the same directory, which then
+    replaces ``path`` (``os.replace``); on any error the temp file is removed and ``path`` is untouched."""
+    path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
@@ -459,7 +462,7 @@ def _atomic_write_bytes(path: pathlib.Path, write: Callable[[Any], None]) -> Non
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to ``path`` atomically (temp file in the same directory + os.replace)."""
     data = json.dumps(obj, indent=2, default=_json_default).encode()
-    _atomic_write_bytes(pathlib.Path(path), lambda f: f.write(data))
+    atomic_write_bytes(pathlib.Path(path), lambda f: f.write(data))
 
 
 def _json_default(o: Any):
@@ -495,7 +498,7 @@ def cache_key(rendered: Sequence[Rendered], meta: dict) -> str:
 
 def _save_batch(path: pathlib.Path, stats: dict[int, dict[str, np.ndarray]]) -> None:
     arrays = {f"{i}/{k}": v for i, d in stats.items() for k, v in d.items()}
-    _atomic_write_bytes(path, lambda f: np.savez(f, **arrays))
+    atomic_write_bytes(path, lambda f: np.savez(f, **arrays))
 
 
 def _load_batch(path: pathlib.Path) -> dict[int, dict[str, np.ndarray]]:

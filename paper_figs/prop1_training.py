@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from typing import Optional, Sequence
 
 import matplotlib
@@ -22,6 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from pa_jax.scoring import atomic_write_bytes  # noqa: E402
 
 COLORS = {"exact_pg": "black", "reinforce_kl": "tab:blue", "grpo": "tab:orange",
           "ppo_clip": "tab:red", "ppo_kl": "tab:green"}
@@ -99,17 +100,10 @@ def draw(result: dict, out: str) -> None:
     fig.suptitle(f"Post-training from π_ref on {env['num_mdps']} random MDPs (S={env['num_states']}, "
                  f"A={env['num_actions']}, {setting}, β={beta:g}): does β log π/π_ref approach A*?  "
                  "(lines: mean over MDPs; band: up to max)", fontsize=11)
-    d = os.path.dirname(os.path.abspath(out))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, out)
+        atomic_write_bytes(out, lambda f: fig.savefig(f, dpi=110, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

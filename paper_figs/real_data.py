@@ -23,7 +23,6 @@ import glob
 import json
 import os
 import sys
-import tempfile
 from typing import Optional, Sequence
 
 import matplotlib
@@ -31,6 +30,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from pa_jax.scoring import atomic_write_bytes  # noqa: E402
 
 KINDS = ("uq", "bon", "fa")
 
@@ -72,6 +73,14 @@ def _by_family(metrics: dict, field: str) -> dict[str, list[tuple[str, float]]]:
 def _best(items):
     finite = [kv for kv in items if np.isfinite(kv[1])]
     return max(finite, key=lambda kv: kv[1]) if finite else None
+
+
+def _best_per_method(metrics: dict, field: str) -> list[tuple[str, str, dict]]:
+    """(method, key of its best aggregation by ``field``, that entry's metrics), best method first;
+    methods with no finite value are left out."""
+    fam = _by_family(metrics, field)
+    best = [(f, _best(items)) for f, items in fam.items()]
+    return [(f, b[0], metrics[b[0]]) for f, b in sorted((x for x in best if x[1] is not None), key=lambda x: -x[1][1])]
 
 
 def _title(result: dict) -> str:
@@ -120,27 +129,17 @@ def markdown(result: dict) -> str:
     if kind == "uq":
         lines += ["| method | best aggregation | AUROC [95% CI] | Spearman | Brier | ECE | AUROC at mean/mean |",
                   "|---|---|---|---|---|---|---|"]
-        fam = _by_family(metrics, "auroc")
-        for f in sorted(fam, key=lambda f: -((_best(fam[f]) or ("", -1.0))[1])):
-            b = _best(fam[f])
-            if b is None:
-                continue
-            m = metrics[b[0]]
+        for f, key, m in _best_per_method(metrics, "auroc"):
             lo, hi = m["auroc_ci95"]
-            lines.append(f"| {f} | {b[0]} | {m['auroc']:.3f} [{lo:.2f}, {hi:.2f}] | {m.get('spearman', float('nan')):.3f} "
+            lines.append(f"| {f} | {key} | {m['auroc']:.3f} [{lo:.2f}, {hi:.2f}] | {m.get('spearman', float('nan')):.3f} "
                          f"| {m.get('brier', float('nan')):.3f} | {m.get('ece', float('nan')):.3f} | {_at_mean(metrics, f, 'auroc')} |")
     elif kind == "bon":
         any_m = next(iter(metrics.values()))
         lines += [f"pass@1 {any_m['pass_at_1']:.3f}, oracle pass@N {any_m['oracle_pass_at_n']:.3f} "
                   f"({any_m.get('n_tasks')} tasks, {any_m.get('n_rollouts')} rollouts)", "",
                   "| method | best aggregation | best-of-N success | mean reward | success at mean/mean |", "|---|---|---|---|---|"]
-        fam = _by_family(metrics, "bon_success_rate")
-        for f in sorted(fam, key=lambda f: -((_best(fam[f]) or ("", -1.0))[1])):
-            b = _best(fam[f])
-            if b is None:
-                continue
-            m = metrics[b[0]]
-            lines.append(f"| {f} | {b[0]} | {m['bon_success_rate']:.3f} | {m['bon_mean_reward']:.3f} | "
+        for f, key, m in _best_per_method(metrics, "bon_success_rate"):
+            lines.append(f"| {f} | {key} | {m['bon_success_rate']:.3f} | {m['bon_mean_reward']:.3f} | "
                          f"{_at_mean(metrics, f, 'bon_success_rate')} |")
     else:
         lines += ["| split | method | best token agg / rule | step acc | within-1 | MAE | agent acc | n |",
@@ -199,17 +198,10 @@ def draw(result: dict, out: str) -> None:
             ax.set_xlabel(f"best-of-N success rate ({any_m.get('n_tasks', '?')} tasks, "
                           f"{any_m.get('n_rollouts', '?')} rollouts)")
     fig.suptitle(f"pa-jax {kind}: " + _title(result), fontsize=9)
-    d = os.path.dirname(os.path.abspath(out))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, out)
+        atomic_write_bytes(out, lambda f: fig.savefig(f, dpi=110, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -38,10 +38,10 @@ def run(args: argparse.Namespace) -> int:
     text = "".join(json.dumps(x) + "\n" for x in lines)
     path = args.jsonl or (args.out[: -len(".json")] + ".jsonl" if args.out and args.out.endswith(".json") else None)
     if path:
-        from pa_jax.scoring import _atomic_write_bytes
+        from pa_jax.scoring import atomic_write_bytes
         import pathlib
 
-        _atomic_write_bytes(pathlib.Path(path), lambda f: f.write(text.encode()))
+        atomic_write_bytes(pathlib.Path(path), lambda f: f.write(text.encode()))
     else:
         print(text, end="")
     res = C.base_results(args, "score", sc)
