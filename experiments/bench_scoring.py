@@ -3,9 +3,10 @@
 The baseline is written the way the authors' released scorer works (pa/scoring.py): batch of one,
 ``logits = model(ids).logits[0].float()``, a full ``log_softmax`` over the vocabulary, gather the
 target log-probs, and ``topk(20)`` over the full vocabulary for the top-k mean; once per model
-(policy, then reference). pa-jax runs both models on the same batches with statistics only at the
-scored positions, the shared prefix computed once, long rows in chunks against an in-place KV buffer,
-and blocked causal attention (pa_jax.scoring, pa_jax.models.layers.blocked_attention).
+(policy, then reference). pa-jax runs both models on the same batches (each model's forward in its
+own host thread) with statistics only at the scored positions, the shared prefix computed once, long
+rows in chunks against an in-place KV buffer, and blocked causal attention (pa_jax.scoring,
+pa_jax.models.layers.blocked_attention).
 
 Each measurement runs in its own subprocess so that its peak resident memory (``ru_maxrss``) is its
 own. Printed: tokens per second (trajectory tokens scored by both models, per second of scoring,

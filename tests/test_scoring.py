@@ -105,6 +105,23 @@ def test_engine_matches_torch(pair, tok, shared_system):
         np.testing.assert_allclose(s.kl, kl, atol=2e-4)
 
 
+@pytest.mark.parametrize("shared_system", [True, False])
+def test_concurrent_models_give_identical_statistics(pair, tok, shared_system):
+    """Policy and reference forwards in two threads with large allocations mmapped (the defaults) or
+    one after the other with the allocator left alone: same bits, and the plan gives every chunked
+    batch one KV buffer size (one compiled step program)."""
+    rendered = [render(t, tok) for t in _trajs(5, shared_system)]
+    kw = dict(top_k=5, max_batch_tokens=256, min_prefix=16, bucket_lengths=(256, 512), attention_chunk=128)
+    a = score_rendered(rendered, pair["policy"], pair["reference320"], options=ScoringOptions(**kw), pad_id=2)
+    b = score_rendered(rendered, pair["policy"], pair["reference320"],
+                       options=ScoringOptions(**kw, concurrent_models=False, mmap_threshold=None), pad_id=2)
+    assert len(a.plan.batches) > 1
+    assert len({bt.buffer for bt in a.plan.batches if bt.chunked}) <= 1
+    for x, y in zip(a.stats, b.stats):
+        for f in ("step_ids", "policy_logprob", "policy_entropy", "policy_topk", "reference_logprob", "kl"):
+            np.testing.assert_array_equal(getattr(x, f), getattr(y, f))
+
+
 def test_different_embedding_sizes_same_tokenizer(pair, tok):
     rendered = [render(t, tok) for t in _trajs(3, False)]
     res = score_rendered(rendered, pair["policy"], pair["reference"], options=ScoringOptions(top_k=5, bucket_lengths=(256,)), pad_id=2)

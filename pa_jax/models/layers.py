@@ -259,8 +259,8 @@ def blocked_attention(
 
     # queries [nq, B, K, G, bq, hd]; keys / values [B, K, S', hd]
     qb = pad(q, tp).reshape(b, nq, bq, kh, g, hd).transpose(1, 0, 3, 4, 2, 5)
-    kt = pad(k, sp).transpose(0, 2, 1, 3)
-    vt = pad(v, sp).transpose(0, 2, 1, 3)
+    kp_, vp_ = pad(k, sp), pad(v, sp)  # [B, S', K, hd]; only the visited blocks are transposed (below), so a
+    # long, mostly unused KV buffer costs no work in proportion to its size
     kv_valid = pad(spec.kv_valid.astype(bool), sp, False)
     kv_pos = pad(spec.kv_positions.astype(jnp.int32), sp)
     kv_seg = pad(spec.kv_segments, sp, -1)
@@ -279,8 +279,8 @@ def blocked_attention(
         def update(j, carry):
             o, m, l = carry
             ks = j * bk
-            kk = jax.lax.dynamic_slice_in_dim(kt, ks, bk, axis=2)
-            vv = jax.lax.dynamic_slice_in_dim(vt, ks, bk, axis=2)
+            kk = jax.lax.dynamic_slice_in_dim(kp_, ks, bk, axis=1).transpose(0, 2, 1, 3)  # [B, K, bk, hd]
+            vv = jax.lax.dynamic_slice_in_dim(vp_, ks, bk, axis=1).transpose(0, 2, 1, 3)
             ki = ks + jnp.arange(bk, dtype=jnp.int32)
             x = jnp.einsum("bkgqd,bksd->bkgqs", qblk, kk, preferred_element_type=jnp.float32) * scale_q
             if softcap is not None:
