@@ -257,10 +257,11 @@ def blocked_attention(
         widths = [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
         return jnp.pad(x, widths, constant_values=value)
 
-    # queries [nq, B, K, G, bq, hd]; keys / values [B, K, S', hd]
+    # queries [nq, B, K, G, bq, hd]
     qb = pad(q, tp).reshape(b, nq, bq, kh, g, hd).transpose(1, 0, 3, 4, 2, 5)
-    kp_, vp_ = pad(k, sp), pad(v, sp)  # [B, S', K, hd]; only the visited blocks are transposed (below), so a
-    # long, mostly unused KV buffer costs no work in proportion to its size
+    # keys / values stay [B, S', K, hd]; only the visited blocks are transposed (below), so a long,
+    # mostly unused KV buffer costs no work in proportion to its size
+    kpad, vpad = pad(k, sp), pad(v, sp)
     kv_valid = pad(spec.kv_valid.astype(bool), sp, False)
     kv_pos = pad(spec.kv_positions.astype(jnp.int32), sp)
     kv_seg = pad(spec.kv_segments, sp, -1)
@@ -279,8 +280,8 @@ def blocked_attention(
         def update(j, carry):
             o, m, l = carry
             ks = j * bk
-            kk = jax.lax.dynamic_slice_in_dim(kp_, ks, bk, axis=1).transpose(0, 2, 1, 3)  # [B, K, bk, hd]
-            vv = jax.lax.dynamic_slice_in_dim(vp_, ks, bk, axis=1).transpose(0, 2, 1, 3)
+            kk = jax.lax.dynamic_slice_in_dim(kpad, ks, bk, axis=1).transpose(0, 2, 1, 3)  # [B, K, bk, hd]
+            vv = jax.lax.dynamic_slice_in_dim(vpad, ks, bk, axis=1).transpose(0, 2, 1, 3)
             ki = ks + jnp.arange(bk, dtype=jnp.int32)
             x = jnp.einsum("bkgqd,bksd->bkgqs", qblk, kk, preferred_element_type=jnp.float32) * scale_q
             if softcap is not None:
