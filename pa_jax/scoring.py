@@ -353,8 +353,8 @@ def set_mmap_threshold(nbytes: int) -> bool:
     (``mallopt(M_MMAP_THRESHOLD, nbytes)``), so that a freed KV buffer or temporary goes back to the
     OS at once instead of staying in the heap. Without it, glibc raises the threshold as large blocks
     are freed and keeps them, and the resident memory of a scoring run grows well past what is live
-    (measured on 4 airline trajectories with both models in threads: peak 3.6 GiB by default, 2.2
-    GiB with 1 MiB). Returns False where there is no glibc (the setting is then left alone)."""
+    (``experiments/bench_scoring.py`` on 10 airline trajectories, both models in threads: peak 3.34
+    GiB by default, 2.00 GiB with 1 MiB). Returns False where there is no glibc (left alone then)."""
     import ctypes
     import ctypes.util
 
