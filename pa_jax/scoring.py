@@ -130,7 +130,7 @@ class Batch:
     length: int
     num_positions: int
     num_rows: int  # padded row count (a power of two, multiple of the data axis)
-    chunked: bool = False  # single-trajectory rows run in chunks against a KV buffer (`_chunked_hidden`)
+    chunked: bool = False  # single-trajectory rows run in chunks against a KV buffer (`_chunked_hidden_at`)
     buffer: int = 0  # chunked: KV buffer entries per row (the longest padded prefix + row of the plan, bucketed)
 
 
@@ -420,24 +420,53 @@ def _empty_buffer(graphdef, state, rows: int, length: int, prefix=None, prefix_l
     return _dispatch(_memo(("buffer", graphdef, rows, length, prefix_len, prefix is None), lambda: jax.jit(make)), prefix)
 
 
-def _run_chunks(graphdef, state, ids, mask, cache, *, chunk: int, start: int):
-    """Rows ``ids`` [R, T] (T a multiple of ``chunk``) through the step program chunk by chunk, written into
-    the KV buffer ``cache`` from entry ``start`` on; returns (hidden of each chunk, updated cache)."""
+def _run_chunks(graphdef, state, ids: np.ndarray, mask: np.ndarray, cache, *, chunk: int, start: int,
+                put: Callable = jnp.asarray, on_hidden: Callable | None = None):
+    """Rows ``ids`` [R, T] (host arrays, T a multiple of ``chunk``) through the step program chunk by chunk,
+    written into the KV buffer ``cache`` from entry ``start`` on; ``put`` moves each host chunk to the
+    device (sliced on the host: no slicing program per row length), ``on_hidden(j, hidden)`` receives the
+    hidden states of the chunk starting at row index j. Returns the updated cache."""
     step = step_program(graphdef)
-    hs = []
     for j in range(0, ids.shape[1], chunk):
-        h, cache = _dispatch(step, state, ids[:, j:j + chunk], mask[:, j:j + chunk], cache, np.int32(start + j))
-        hs.append(h)
-    return hs, cache
+        h, cache = _dispatch(step, state, put(ids[:, j:j + chunk]), put(mask[:, j:j + chunk]), cache,
+                             np.int32(start + j))
+        if on_hidden is not None:
+            on_hidden(j, h)
+    return cache
 
 
-def _chunked_hidden(graphdef, state, ids, mask, *, chunk: int, buffer: int, prefix=None, prefix_len: int = 0):
-    """Final hidden states [R, T, D] of rows ``ids`` [R, T] (T a multiple of ``chunk``), run chunk by chunk
-    against a KV buffer of ``buffer`` entries that starts with ``prefix[:, :prefix_len]`` (a shared prefix)."""
+def collect_program():
+    """jit(acc [R, N, D], hidden [R, C, D], pos [R, N], start) -> acc with acc[r, n] = hidden[r, pos[r, n] - start]
+    wherever that index lies in [0, C): the states at the scored positions, picked up chunk by chunk (one
+    compiled shape per number of positions, whatever the row length; ``acc`` is donated)."""
+
+    def collect(acc, hidden, pos, start):
+        rel = pos - start
+        inside = (rel >= 0) & (rel < hidden.shape[1])
+        got = jnp.take_along_axis(hidden, jnp.clip(rel, 0, hidden.shape[1] - 1)[..., None], axis=1)
+        return jnp.where(inside[..., None], got, acc)
+
+    return _memo(("collect",), lambda: jax.jit(collect, donate_argnums=0))
+
+
+def _chunked_hidden_at(graphdef, state, ids: np.ndarray, mask: np.ndarray, pos, *, chunk: int, buffer: int,
+                       put: Callable = jnp.asarray, prefix=None, prefix_len: int = 0):
+    """Final hidden states [R, N, D] at positions ``pos`` [R, N] of rows ``ids`` [R, T] (host arrays, T a
+    multiple of ``chunk``), run chunk by chunk against a KV buffer of ``buffer`` entries that starts with
+    ``prefix[:, :prefix_len]`` (a shared prefix). No [R, T, D] array of the whole rows is formed."""
     cache = _empty_buffer(graphdef, state, ids.shape[0], buffer, prefix, prefix_len)
-    hs, cache = _run_chunks(graphdef, state, ids, mask, cache, chunk=chunk, start=prefix_len)
+    collect = collect_program()
+    acc = []
+
+    def on_hidden(j, h):
+        if not acc:
+            acc.append(jnp.zeros(pos.shape + h.shape[2:], h.dtype, device=h.sharding))
+        acc[0] = _dispatch(collect, acc[0], h, pos, np.int32(j))
+
+    cache = _run_chunks(graphdef, state, ids, mask, cache, chunk=chunk, start=prefix_len, put=put,
+                        on_hidden=on_hidden)
     del cache
-    return hs[0] if len(hs) == 1 else jnp.concatenate(hs, axis=1)
+    return acc[0]
 
 
 def _prefix_buffer(graphdef, state, ids: np.ndarray, *, chunk: int, rows: int, buffer: int):
@@ -449,7 +478,7 @@ def _prefix_buffer(graphdef, state, ids: np.ndarray, *, chunk: int, rows: int, b
     x[:, :len(ids)] = ids
     m[:, :len(ids)] = 1
     cache = _empty_buffer(graphdef, state, rows, buffer)
-    _, cache = _run_chunks(graphdef, state, jnp.asarray(x), jnp.asarray(m), cache, chunk=chunk, start=0)
+    cache = _run_chunks(graphdef, state, x, m, cache, chunk=chunk, start=0)
     return jax.tree.map(lambda a: a[:, :n], cache)  # keep only the prefix entries
 
 
@@ -689,19 +718,22 @@ def score_rendered(
             from jax.sharding import NamedSharding, PartitionSpec as P
 
             sharding = NamedSharding(mesh, P("data", None))
-        for b in todo:
-            ids, mask, seg, pos, tgt, valid, where = _batch_arrays(rendered, b, plan.prefix_length, pad_id)
-            dev = [ids, mask, seg, pos, tgt]
-            ids, mask, seg, pos, tgt = [jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
-                                        for x in dev]
 
-            def hidden_of(k, b=b, ids=ids, mask=mask, seg=seg, pos=pos):
+        def put(x):
+            return jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
+
+        for b in todo:
+            ids_h, mask_h, seg, pos, tgt, valid, where = _batch_arrays(rendered, b, plan.prefix_length, pad_id)
+            pos, tgt = put(pos), put(tgt)
+            ntok = int(mask_h.sum()) + plan.prefix_length * sum(len(row) for row in b.rows)
+            rows = None if b.chunked else (put(ids_h), put(mask_h), put(seg))  # chunked: moved chunk by chunk
+
+            def hidden_of(k, b=b, ids_h=ids_h, mask_h=mask_h, pos=pos, rows=rows):
                 g, st, pre = graphdefs[k], states[k], prefixes[k]
                 if b.chunked:
-                    h = _chunked_hidden(g, st, ids, mask, chunk=chunk, buffer=b.buffer, prefix=pre,
-                                        prefix_len=pre_len if pre is not None else 0)
-                else:
-                    h = _dispatch(full_row_program(g, use_seg), st, ids, mask, seg)
+                    return _chunked_hidden_at(g, st, ids_h, mask_h, pos, chunk=chunk, buffer=b.buffer, put=put,
+                                              prefix=pre, prefix_len=pre_len if pre is not None else 0)
+                h = _dispatch(full_row_program(g, use_seg), st, *rows)
                 return _dispatch(gather, h, pos)
 
             hidden = per_model(hidden_of)
@@ -718,7 +750,6 @@ def score_rendered(
                 batch_stats[i] = d
             results.update(batch_stats)
             computed += 1
-            ntok = int(np.asarray(mask).sum()) + plan.prefix_length * sum(len(row) for row in b.rows)
             tokens += ntok
             if cdir is not None:
                 name = f"batch_{b.index:05d}.npz"

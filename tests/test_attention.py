@@ -2,7 +2,8 @@
 
 The oracle is written here from the mask rule of ``pa_jax.models.layers.attention_mask``: key k is visible
 to query q iff k <= q (sequence indices, queries offset by a cached prefix), k is valid, q and k share a
-segment, and q_pos - k_pos < window; plus k == q, so that no row is empty.
+segment, and q_pos - k_pos < window; plus k == q, so that no row is empty. Blocked attention is held to it
+at the valid queries only: it skips the key blocks that only padding queries would need.
 """
 import jax.numpy as jnp
 import numpy as np
@@ -60,7 +61,9 @@ def test_blocked_attention_matches_numpy(b, prefix, t, kh, groups, window, segme
                       window)
     got = L.blocked_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), spec, scale=0.5, softcap=softcap,
                               block_q=block_q, block_k=block_k)
-    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+    q_valid = valid[:, prefix:]  # blocked attention leaves padding queries unspecified (it skips their blocks)
+    np.testing.assert_allclose(np.asarray(got)[q_valid], want[q_valid], atol=2e-5)
+    assert np.isfinite(np.asarray(got)).all()
     dense = L.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), spec.dense(), scale=0.5, softcap=softcap)
     np.testing.assert_allclose(np.asarray(dense), want, atol=2e-5)
 
@@ -75,3 +78,19 @@ def test_blocked_attention_bf16_close_to_f32():
     bf = L.blocked_attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), spec, scale=0.25, block_q=64, block_k=128)
     assert bf.dtype == jnp.bfloat16
     assert float(jnp.abs(bf.astype(jnp.float32) - f32).max()) < 0.05
+
+
+def test_blocked_attention_skips_padding_query_blocks():
+    """A query block holding only padding visits no key block (output zero); valid queries are unaffected."""
+    rng = np.random.default_rng(1)
+    b, t, n, hd = 2, 12, 2, 4
+    q, k, v = (rng.standard_normal((b, t, n, hd)).astype(np.float32) for _ in range(3))
+    valid = np.ones((b, t), bool)
+    valid[:, 8:] = False  # the last query block (block_q 4) is padding in both rows
+    valid[1, 5:8] = False  # a partly padded block
+    pos = np.arange(t)[None].repeat(b, 0)
+    spec = L.MaskSpec(0, jnp.asarray(valid), jnp.asarray(pos), jnp.asarray(pos))
+    got = np.asarray(L.blocked_attention(*map(jnp.asarray, (q, k, v)), spec, scale=0.5, block_q=4, block_k=4))
+    dense = np.asarray(L.attention(*map(jnp.asarray, (q, k, v)), spec.dense(), scale=0.5))
+    np.testing.assert_allclose(got[valid], dense[valid], atol=2e-5)
+    assert (got[:, 8:] == 0).all()

@@ -238,6 +238,11 @@ def blocked_attention(
     [B, heads, block_q, block_k] exists. The mask of each block is built from ``spec`` (same rule as
     :func:`attention_mask`). Scores and the softmax are float32; probabilities are cast to v's dtype for
     the weighted sum, which accumulates in float32.
+
+    Padding queries (query i is invalid when key ``q_offset + i`` is) cost nothing: a query block visits
+    key blocks only up to the one holding its last valid query, and a block with no valid query none, so
+    the outputs at invalid query positions are unspecified (zero where nothing was visited; :func:`attention`
+    lets such a query see itself). Valid queries get exactly the result of :func:`attention`.
     q [B, T, N, hd], k/v [B, S, K, hd] (N a multiple of K) -> [B, T, N, hd].
     """
     b, t, n, hd = q.shape
@@ -245,6 +250,8 @@ def blocked_attention(
     if s != spec.kv_valid.shape[1] or t != spec.q_positions.shape[1]:
         raise ValueError(f"mask spec is for {spec.q_positions.shape[1]} queries / {spec.kv_valid.shape[1]} keys, "
                          f"got q {q.shape} k {k.shape}")
+    if isinstance(spec.q_offset, (int, np.integer)) and spec.q_offset + t > s:
+        raise ValueError(f"queries are keys q_offset + i: q_offset {spec.q_offset} + {t} queries > {s} keys")
     g = n // kh
     bq = min(block_q, t)
     bk = min(block_k, s)
@@ -268,9 +275,12 @@ def blocked_attention(
     q_pos = pad(spec.q_positions.astype(jnp.int32), tp).reshape(b, nq, bq).transpose(1, 0, 2)
     q_seg = None if spec.q_segments is None else pad(spec.q_segments, tp).reshape(b, nq, bq).transpose(1, 0, 2)
     q_start = spec.q_offset + jnp.arange(nq, dtype=jnp.int32) * bq
-    # causally visible key blocks of each query block: up to the block holding its last query index
-    last = jnp.minimum(q_start + bq, spec.q_offset + t) - 1
-    n_blocks = jnp.minimum(last // bk + 1, nk)
+    # key blocks a query block needs: up to the block holding its last *valid* query (query i is key
+    # q_offset + i, so its validity is kv_valid there); none for a block of padding queries
+    q_valid = pad(jax.lax.dynamic_slice_in_dim(spec.kv_valid.astype(bool), spec.q_offset, t, axis=1), tp, False)
+    q_index = q_start[:, None] + jnp.arange(bq, dtype=jnp.int32)[None]  # [nq, bq]
+    last = jnp.max(jnp.where(q_valid.reshape(b, nq, bq), q_index[None], -1), axis=(0, 2))
+    n_blocks = jnp.where(last >= 0, jnp.minimum(last // bk + 1, nk), 0)
     scale_q = jnp.asarray(scale, jnp.float32)
 
     def per_query_block(_, xs):
