@@ -19,7 +19,9 @@ Less work than a plain forward:
   donated) and attends to the buffer with causal block skipping. Every chunked batch of a run uses
   one buffer size (the longest row's), so one compiled step program serves every chunk, every row
   length, and both models when they share an architecture: one compilation per architecture, and rows
-  padded only to a multiple of the chunk. The attention visits only the filled blocks of the buffer.
+  padded only to a multiple of the chunk. The attention visits only the filled blocks of the buffer,
+  and none for the padding queries of a row's last chunk. The final hidden states at the scored
+  positions are collected chunk by chunk (no [R, T, D] array of a whole row).
 * *Shared prefix*: when every trajectory starts with the same tokens (e.g. the ~1.3k-token airline
   policy), its keys/values are computed once per model and copied into every row's buffer, and every
   row holds only the suffix. The prefix stops before the first position whose hidden state is needed,
@@ -530,6 +532,12 @@ def full_row_program(graphdef, use_seg: bool):
 
 
 # ---------------------------------------------------------------------------------------------- cache
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; restored at once
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
     """Write a file atomically: ``write(f)`` fills a temp file (binary) in the same directory, which then
     replaces ``path`` (``os.replace``); on any error the temp file is removed and ``path`` is untouched."""
@@ -537,6 +545,7 @@ def atomic_write_bytes(path: str | os.PathLike, write: Callable[[Any], None]) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
