@@ -53,6 +53,7 @@ interrupted-and-resumed run gives bit-identical statistics to an uninterrupted o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -532,8 +533,11 @@ def full_row_program(graphdef, use_seg: bool):
 
 
 # ---------------------------------------------------------------------------------------------- cache
+@functools.cache
 def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; restored at once
+    """The process umask, read once (reading it means setting it, so not on every write, where another
+    thread could create a file in between)."""
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
