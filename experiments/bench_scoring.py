@@ -198,16 +198,22 @@ def _bf16_effect(bf: list, f32: list) -> dict:
             "traj_mean_logprob_spearman": float(spearmanr(mb, mf).statistic) if len(mb) > 2 else None}
 
 
+def _add_ratios(j: dict, t: dict) -> None:
+    """pa-jax worker result ``j`` against the PyTorch one ``t`` (same run): speed, memory, log-prob agreement."""
+    if "error" in t or "error" in j:
+        return
+    j["speed_ratio"] = j["tokens_per_s"] / t["tokens_per_s"]
+    if j.get("tokens_per_s_compiled"):
+        j["speed_ratio_compiled"] = j["tokens_per_s_compiled"] / t["tokens_per_s"]
+    j["memory_ratio"] = j["peak_rss_gib"] / t["peak_rss_gib"]
+    j["max_abs_logprob_diff_vs_torch_f32"] = _max_diff(j["policy_logprob"], t["policy_logprob"])
+
+
 def _airline_round(base: dict, timeout: int) -> dict:
     """One PyTorch run and one pa-jax bf16 run (fresh processes: pa-jax's first pass compiles) and their ratios."""
     t = run_worker({**base, "impl": "torch"}, timeout)
     j = run_worker({**base, "impl": "jax", "dtype": "bfloat16", "second_pass": True}, timeout)
-    if "error" not in t and "error" not in j:
-        j["speed_ratio"] = j["tokens_per_s"] / t["tokens_per_s"]
-        if j.get("tokens_per_s_compiled"):
-            j["speed_ratio_compiled"] = j["tokens_per_s_compiled"] / t["tokens_per_s"]
-        j["memory_ratio"] = j["peak_rss_gib"] / t["peak_rss_gib"]
-        j["max_abs_logprob_diff_vs_torch_f32"] = _max_diff(j["policy_logprob"], t["policy_logprob"])
+    _add_ratios(j, t)
     return {"torch_f32": t, "pa_jax_bf16": j}
 
 
@@ -251,10 +257,7 @@ def airline(args) -> dict:
     jf = (run_worker({**base, "impl": "jax", "dtype": "float32"}, args.timeout) if "float32" in args.dtypes
           else {"error": "not run (--dtypes)"})
     t = rounds[0]["torch_f32"]
-    if "error" not in t and "error" not in jf:
-        jf["speed_ratio"] = jf["tokens_per_s"] / t["tokens_per_s"]
-        jf["memory_ratio"] = jf["peak_rss_gib"] / t["peak_rss_gib"]
-        jf["max_abs_logprob_diff_vs_torch_f32"] = _max_diff(jf["policy_logprob"], t["policy_logprob"])
+    _add_ratios(jf, t)
     if "error" not in jb and "error" not in jf:
         jb["max_abs_logprob_diff_bf16_vs_f32"] = _max_diff(jb["policy_logprob"], jf["policy_logprob"])
         jb["bf16_vs_f32"] = _bf16_effect(jb["policy_logprob"], jf["policy_logprob"])
@@ -277,6 +280,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=3600)
     ap.add_argument("--out", default=None, help="results JSON")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.worker:
         cfg = json.loads(args.worker)
         res = (torch_worker if cfg["impl"] == "torch" else jax_worker)(cfg)

@@ -443,10 +443,12 @@ def collect_program():
     wherever that index lies in [0, C): the states at the scored positions, picked up chunk by chunk (one
     compiled shape per number of positions, whatever the row length; ``acc`` is donated)."""
 
+    from pa_jax.head import gather_positions
+
     def collect(acc, hidden, pos, start):
         rel = pos - start
         inside = (rel >= 0) & (rel < hidden.shape[1])
-        got = jnp.take_along_axis(hidden, jnp.clip(rel, 0, hidden.shape[1] - 1)[..., None], axis=1)
+        got = gather_positions(hidden, jnp.clip(rel, 0, hidden.shape[1] - 1))
         return jnp.where(inside[..., None], got, acc)
 
     return _memo(("collect",), lambda: jax.jit(collect, donate_argnums=0))
@@ -459,17 +461,18 @@ def _chunked_hidden_at(graphdef, state, ids: np.ndarray, mask: np.ndarray, pos, 
     ``prefix[:, :prefix_len]`` (a shared prefix). No [R, T, D] array of the whole rows is formed."""
     cache = _empty_buffer(graphdef, state, ids.shape[0], buffer, prefix, prefix_len)
     collect = collect_program()
-    acc = []
+    acc = None  # [R, N, D], made with the first chunk's dtype and sharding
 
     def on_hidden(j, h):
-        if not acc:
-            acc.append(jnp.zeros(pos.shape + h.shape[2:], h.dtype, device=h.sharding))
-        acc[0] = _dispatch(collect, acc[0], h, pos, np.int32(j))
+        nonlocal acc
+        if acc is None:
+            acc = jnp.zeros(pos.shape + h.shape[2:], h.dtype, device=h.sharding)
+        acc = _dispatch(collect, acc, h, pos, np.int32(j))
 
     cache = _run_chunks(graphdef, state, ids, mask, cache, chunk=chunk, start=prefix_len, put=put,
                         on_hidden=on_hidden)
     del cache
-    return acc[0]
+    return acc
 
 
 def _prefix_buffer(graphdef, state, ids: np.ndarray, *, chunk: int, rows: int, buffer: int):
@@ -771,7 +774,6 @@ def score_rendered(
                 atomic_write_json(cdir / "index.json", index)
             if progress:
                 progress(b, ntok)
-
 
     stats = []
     for i, r in enumerate(rendered):
