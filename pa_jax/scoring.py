@@ -7,9 +7,9 @@ computes the fused head statistics there (``pa_jax.head``) -> only those per-tok
 leave the device -> they are cached on disk per batch.
 
 Shapes stay bounded: every row length is one of ``bucket_lengths`` and every batch has a
-power-of-two number of rows (a multiple of the mesh's ``data`` axis, which splits the batch), and
-the number of scored positions per row is rounded up to a power of two, so a dataset compiles a
-handful of programs.
+power-of-two number of rows (a multiple of the mesh's ``data`` axis, which splits the batch and the
+head's blocks), and the number of scored positions per row is rounded up to a power of two, so a
+dataset compiles a handful of programs.
 
 Less work than a plain forward:
 
@@ -30,11 +30,14 @@ Less work than a plain forward:
   tokens attend only inside their own trajectory, positions restart) by first-fit decreasing.
   Models with Gated DeltaNet layers neither pack nor share prefixes.
 * Head statistics (log-softmax over the full vocabulary, entropy, top-k, KL) only at the scored
-  positions.
-* *Both models at once*: the policy's and the reference's forwards of a batch are independent, so
-  each runs in its own host thread (``concurrent_models``); on a CPU this keeps both cores busy
-  through the parts of a step that XLA runs on one thread (measured in
-  ``experiments/bench_scoring.py``). Each model's programs and results are the same either way.
+  positions, in blocks of ``head_positions`` positions gathered across batches (`_HeadBlocks`): one
+  compiled head program, and no padding but the last block's.
+* *Both models at once*: the policy's and the reference's forwards are independent, so each runs in
+  its own host thread (``concurrent_models``), and the threads take the batches in order without
+  waiting for each other or for the head, which the calling thread runs on the batches already
+  done; on a CPU this keeps both cores busy through the parts of a step that XLA runs on one thread
+  (measured in ``experiments/bench_scoring.py``). Each model's programs and results are the same
+  either way.
   Large host allocations are served by mmap (``set_mmap_threshold``) so freed buffers return to the
   OS; the peak resident memory then follows what is live.
 
@@ -120,6 +123,7 @@ class ScoringOptions:
     attention_chunk: int = 512  # rows longer than this (all rows with a shared prefix) run in chunks of this size
     vocab_chunk: int = 8192
     token_block: int = 512
+    head_positions: int = 2048  # the head runs on blocks of this many scored positions, across batches
     concurrent_models: bool = True  # policy and reference forwards in two host threads
     mmap_threshold: int | None = 1 << 20  # glibc: allocations of at least this many bytes via mmap (None: leave)
 
@@ -303,15 +307,14 @@ def make_plan(
 
 
 def _batch_arrays(rendered: Sequence[Rendered], batch: Batch, prefix: int, pad_id: int):
-    """Host arrays of one batch: ids, mask, segments [R, T]; positions, targets, valid [R, N];
-    and for each trajectory (row, slice into the row's positions)."""
+    """Host arrays of one batch: ids, mask, segments [R, T]; positions, targets [R, N] (zero past each
+    row's scored positions); and for each trajectory (row, slice into the row's positions)."""
     R, T, N = batch.num_rows, batch.length, batch.num_positions
     ids = np.full((R, T), pad_id, np.int32)
     mask = np.zeros((R, T), np.int32)
     seg = np.zeros((R, T), np.int32)
     pos = np.zeros((R, N), np.int32)
     tgt = np.zeros((R, N), np.int32)
-    valid = np.zeros((R, N), bool)
     where: dict[int, tuple[int, slice]] = {}
     for r, row in enumerate(batch.rows):
         off, n = 0, 0
@@ -325,11 +328,10 @@ def _batch_arrays(rendered: Sequence[Rendered], batch: Batch, prefix: int, pad_i
             m = len(q)
             pos[r, n:n + m] = off + q - 1
             tgt[r, n:n + m] = x[q]
-            valid[r, n:n + m] = True
             where[i] = (r, slice(n, n + m))
             off += L
             n += m
-    return ids, mask, seg, pos, tgt, valid, where
+    return ids, mask, seg, pos, tgt, where
 
 
 # ---------------------------------------------------------------------------------------------- device program
@@ -625,6 +627,75 @@ class ScoreResult:
     seconds: float
 
 
+class _HeadBlocks:
+    """The head statistics of consecutive batches, computed in blocks of ``size`` scored positions.
+
+    ``add`` takes a batch's hidden states at its scored positions ([R, N, D] per model, N a power of two,
+    rows' positions first) and keeps only the real positions, in batch order; whenever ``size`` of them
+    are waiting (or at the ``final`` batch, padded), one head call on [dp, size / dp] positions computes
+    them. So the head compiles for one shape whatever the batches' position counts, and pays for no
+    power-of-two padding. A position's statistics depend on its own hidden state only (the head works row
+    by row), so batches grouped differently (a resumed run) give the same bits. ``finished`` yields each
+    batch, in order, once all its positions are computed: (batch, tokens, {trajectory: statistics}).
+    """
+
+    def __init__(self, head, weights, size: int, dp: int, put):
+        self.head, self.weights, self.put = head, weights, put
+        self.size = _round_up(max(int(size), 1), dp)
+        self.dp = dp
+        self.waiting: list = []  # (hidden [n, D] per model, targets [n]) not yet computed
+        self.n_waiting = 0
+        self.done: dict[str, list] = {}  # computed statistics, in position order, not yet handed out
+        self.n_done = 0
+        self.batches: list = []  # (batch, tokens, [(trajectory, n)], n) not yet handed out
+
+    def add(self, batch, ntok: int, where, hidden, tgt, *, final: bool) -> None:
+        hs = [np.asarray(h) for h in hidden]
+        tg = np.asarray(tgt)
+        items = sorted(where.items(), key=lambda x: (x[1][0], x[1][1].start))
+        for i, (r, sl) in items:
+            self.waiting.append(([h[r, sl] for h in hs], tg[r, sl]))
+            self.n_waiting += sl.stop - sl.start
+        self.batches.append((batch, ntok, [(i, sl.stop - sl.start) for i, (_, sl) in items],
+                             sum(sl.stop - sl.start for _, (_, sl) in items)))
+        while self.n_waiting >= self.size or (final and self.n_waiting):
+            self._run()
+
+    def _run(self) -> None:
+        hs = [np.concatenate([w[0][k] for w in self.waiting]) for k in range(len(self.weights))]
+        tg = np.concatenate([w[1] for w in self.waiting])
+        n = min(self.size, len(tg))
+        rows = (self.dp, self.size // self.dp)
+
+        def block(x):
+            pad = np.zeros((self.size - n,) + x.shape[1:], x.dtype)
+            return self.put(np.concatenate([x[:n], pad]).reshape(rows + x.shape[1:]))
+
+        args = [block(hs[0]), self.weights[0], None, None]
+        if len(hs) > 1:
+            args[2:] = [block(hs[1]), self.weights[1]]
+        out = self.head(*args, block(tg))
+        for key, v in out.items():
+            v = np.asarray(v).reshape((self.size,) + v.shape[2:])[:n]
+            self.done[key] = self.done.get(key, []) + [v]
+        self.n_done += n
+        rest = ([h[n:] for h in hs], tg[n:])
+        self.waiting = [rest] if len(tg) > n else []
+        self.n_waiting = len(tg) - n
+
+    def finished(self):
+        while self.batches and self.batches[0][3] <= self.n_done:
+            batch, ntok, items, total = self.batches.pop(0)
+            cat = {k: np.concatenate(v) for k, v in self.done.items()}
+            out, at = {}, 0
+            for i, m in items:
+                out[i] = {k: v[at:at + m] for k, v in cat.items()}
+                at += m
+            self.done = {k: [v[total:]] for k, v in cat.items()}
+            self.n_done -= total
+            yield batch, ntok, out
+
+
 def score_rendered(
     rendered: Sequence[Rendered],
     policy: tuple[Any, Any],
@@ -712,7 +783,6 @@ def score_rendered(
         graphdefs, states = zip(*(nnx.split(m) for m in models))
         weights = [m.unembedding() for m in models]
         chunk = options.attention_chunk
-        pre_len = _round_up(plan.prefix_length, chunk)
         prefixes = [None] * len(models)
         chunked = [b for b in todo if b.chunked]
         gather = gather_program()
@@ -738,42 +808,56 @@ def score_rendered(
         def put(x):
             return jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
 
-        for b in todo:
-            ids_h, mask_h, seg, pos, tgt, valid, where = _batch_arrays(rendered, b, plan.prefix_length, pad_id)
+        def launch(b):
+            """Host arrays of batch b, and its hidden states at the scored positions: per model, a future
+            (the pool's threads run the batches' forwards in order, each as soon as a thread is free: no
+            wait for the other model or for the head of the previous batch) or, without a pool, a thunk."""
+            ids_h, mask_h, seg, pos, tgt, where = _batch_arrays(rendered, b, plan.prefix_length, pad_id)
             pos, tgt = put(pos), put(tgt)
             ntok = int(mask_h.sum()) + plan.prefix_length * sum(len(row) for row in b.rows)
             rows = None if b.chunked else (put(ids_h), put(mask_h), put(seg))  # chunked: moved chunk by chunk
 
-            def hidden_of(k, b=b, ids_h=ids_h, mask_h=mask_h, pos=pos, rows=rows):
+            def hidden_of(k):
                 g, st, pre = graphdefs[k], states[k], prefixes[k]
                 if b.chunked:
                     return _chunked_hidden_at(g, st, ids_h, mask_h, pos, chunk=chunk, buffer=b.buffer, put=put,
-                                              prefix=pre, prefix_len=pre_len if pre is not None else 0)
+                                              prefix=pre, prefix_len=plan.prefix_length if pre is not None else 0)
                 h = _dispatch(full_row_program(g, use_seg), st, *rows)
                 return _dispatch(gather, h, pos)
 
-            hidden = per_model(hidden_of)
-            if reference is None:
-                out = head(hidden[0], weights[0], None, None, tgt)
-            else:
-                out = head(hidden[0], weights[0], hidden[1], weights[1], tgt)
-            del hidden
-            out = {k: np.asarray(v) for k, v in out.items()}
-            batch_stats = {}
-            for i, (r, sl) in where.items():
-                d = {k: v[r, sl] for k, v in out.items()}
-                d["step_ids"] = rendered[i].step_ids[scored_targets(rendered[i])].astype(np.int32)
-                batch_stats[i] = d
-            results.update(batch_stats)
-            computed += 1
-            tokens += ntok
-            if cdir is not None:
-                name = f"batch_{b.index:05d}.npz"
-                _save_batch(cdir / name, batch_stats)
-                index["done"][str(b.index)] = name
-                atomic_write_json(cdir / "index.json", index)
-            if progress:
-                progress(b, ntok)
+            if pool is None:
+                hidden = [functools.partial(hidden_of, k) for k in range(len(models))]
+            else:  # block_until_ready: a thread holds one batch's buffers at a time
+                hidden = [pool.submit(lambda k=k: jax.block_until_ready(hidden_of(k))) for k in range(len(models))]
+            return tgt, ntok, where, hidden
+
+        launched = [launch(b) for b in todo]
+        heads = _HeadBlocks(head, weights, options.head_positions, dp, put)
+        try:
+            for b, (tgt, ntok, where, hidden) in zip(todo, launched):
+                hidden = [h.result() if pool is not None else h() for h in hidden]
+                heads.add(b, ntok, where, hidden, tgt, final=b is todo[-1])
+                del hidden
+                for b_done, ntok_done, batch_out in heads.finished():
+                    batch_stats = {}
+                    for i, d in batch_out.items():
+                        d["step_ids"] = rendered[i].step_ids[scored_targets(rendered[i])].astype(np.int32)
+                        batch_stats[i] = d
+                    results.update(batch_stats)
+                    computed += 1
+                    tokens += ntok_done
+                    if cdir is not None:
+                        name = f"batch_{b_done.index:05d}.npz"
+                        _save_batch(cdir / name, batch_stats)
+                        index["done"][str(b_done.index)] = name
+                        atomic_write_json(cdir / "index.json", index)
+                    if progress:
+                        progress(b_done, ntok_done)
+        finally:  # after an error or an interrupt, forwards not yet started are not run
+            if pool is not None:
+                for *_, hidden in launched:
+                    for h in hidden:
+                        h.cancel()
 
     stats = []
     for i, r in enumerate(rendered):

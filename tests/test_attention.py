@@ -94,3 +94,60 @@ def test_blocked_attention_skips_padding_query_blocks():
     dense = np.asarray(L.attention(*map(jnp.asarray, (q, k, v)), spec.dense(), scale=0.5))
     np.testing.assert_allclose(got[valid], dense[valid], atol=2e-5)
     assert (got[:, 8:] == 0).all()
+
+
+def test_blocked_attention_recovers_from_overflowing_scores():
+    """Scores far above a query's score against itself (here up to 400 nats) overflow the self-stabilized
+    float32 sums; those rows are recomputed with raised stabilizers and still match the oracle."""
+    rng = np.random.default_rng(2)
+    b, t, n, hd = 1, 24, 2, 4
+    q = rng.standard_normal((b, t, n, hd)).astype(np.float32)
+    k = rng.standard_normal((b, t, 1, hd)).astype(np.float32)
+    v = rng.standard_normal((b, t, 1, hd)).astype(np.float32)
+    scale = 0.5
+    u = q[0, 5, 0] / np.linalg.norm(q[0, 5, 0])
+
+    def max_gap(c):  # largest score of key 0 = c u above a query's own score (queries 1.., which see key 0)
+        kk = k[0, :, 0].copy()
+        kk[0] = c * u
+        x = np.einsum("qhd,kd->hqk", q[0], kk) * scale
+        return (x[:, 1:, 0] - np.diagonal(x, axis1=1, axis2=2)[:, 1:]).max()
+
+    lo, hi = 0.0, 1e4  # bisect c for a gap of 400 nats (the gap grows with c)
+    for _ in range(60):
+        lo, hi = ((lo + hi) / 2, hi) if max_gap((lo + hi) / 2) < 400 else (lo, (lo + hi) / 2)
+    k[0, 0, 0] = lo * u
+    assert 399 < max_gap(lo) < 401
+    valid = np.ones((b, t), bool)
+    pos = np.arange(t)[None]
+    want = numpy_attention(q, k, v, offset=0, valid=valid, q_pos=pos, k_pos=pos, q_seg=None, k_seg=None,
+                           window=None, scale=scale, softcap=None)
+    spec = L.MaskSpec(0, jnp.asarray(valid), jnp.asarray(pos), jnp.asarray(pos))
+    got = np.asarray(L.blocked_attention(*map(jnp.asarray, (q, k, v)), spec, scale=scale, block_q=8, block_k=8))
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_blocked_attention_gradient_matches_dense():
+    """The gradient (that of the online-softmax form) equals dense attention's at the valid queries."""
+    import jax
+
+    rng = np.random.default_rng(3)
+    b, prefix, t, n, hd = 2, 3, 13, 4, 8
+    s = prefix + t
+    q = jnp.asarray(rng.standard_normal((b, t, n, hd)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, s, 2, hd)), jnp.float32) for _ in range(2))
+    valid = np.ones((b, s), bool)
+    valid[1, -4:] = False  # padding queries (and keys) at the end of row 1
+    valid[0, 1] = False  # an invalid prefix key
+    pos = np.maximum(np.cumsum(valid, 1) - 1, 0)
+    spec = L.MaskSpec(prefix, jnp.asarray(valid), jnp.asarray(pos[:, prefix:]), jnp.asarray(pos))
+    w = jnp.asarray(rng.standard_normal((b, t, n, hd)), jnp.float32) * jnp.asarray(valid[:, prefix:])[:, :, None, None]
+
+    def loss(fn):
+        return lambda q, k, v: (fn(q, k, v) * w).sum()
+
+    blocked = jax.grad(loss(lambda q, k, v: L.blocked_attention(q, k, v, spec, scale=0.3, block_q=4, block_k=8)),
+                       argnums=(0, 1, 2))(q, k, v)
+    dense = jax.grad(loss(lambda q, k, v: L.attention(q, k, v, spec.dense(), scale=0.3)), argnums=(0, 1, 2))(q, k, v)
+    for a, d in zip(blocked, dense):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(d), atol=2e-5)

@@ -111,7 +111,8 @@ def test_concurrent_models_give_identical_statistics(pair, tok, shared_system):
     one after the other with the allocator left alone: same bits, and the plan gives every chunked
     batch one KV buffer size (one compiled step program)."""
     rendered = [render(t, tok) for t in _trajs(5, shared_system)]
-    kw = dict(top_k=5, max_batch_tokens=256, min_prefix=16, bucket_lengths=(256, 512), attention_chunk=128)
+    kw = dict(top_k=5, max_batch_tokens=256, min_prefix=16, bucket_lengths=(256, 512), attention_chunk=128,
+              head_positions=40)
     a = score_rendered(rendered, pair["policy"], pair["reference320"], options=ScoringOptions(**kw), pad_id=2)
     b = score_rendered(rendered, pair["policy"], pair["reference320"],
                        options=ScoringOptions(**kw, concurrent_models=False, mmap_threshold=None), pad_id=2)
@@ -134,7 +135,9 @@ def test_different_embedding_sizes_same_tokenizer(pair, tok):
 
 def test_interrupted_run_resumes_identically(pair, tok, tmp_path):
     rendered = [render(t, tok) for t in _trajs(6, False)]
-    opts = ScoringOptions(top_k=5, max_batch_tokens=256, pack=False, bucket_lengths=(256,), attention_chunk=128)
+    # head blocks of 24 positions span batches, and the resumed run groups them differently
+    opts = ScoringOptions(top_k=5, max_batch_tokens=256, pack=False, bucket_lengths=(256,), attention_chunk=128,
+                          head_positions=24)
     full = score_rendered(rendered, pair["policy"], pair["reference320"], options=opts, pad_id=2)
     assert len(full.plan.batches) >= 4
 

@@ -229,81 +229,234 @@ def blocked_attention(
     """The same softmax(scale * q k^T [soft-capped] + mask) v as :func:`attention`, computed block by block.
 
     Flash-attention style, for backends without a fused kernel (XLA:CPU): queries in blocks of ``block_q``
-    (``lax.scan``), and for each, keys in blocks of ``block_k`` (``lax.fori_loop``) with the online softmax
+    (``lax.scan``), and for each, only the key blocks it needs: none after the block holding its last
+    *valid* query (causally invisible, or needed only by padding queries), so the work is about half that of
+    a dense causal attention, and no array larger than [B, heads, block_q, block_k] exists. Scores and the
+    softmax are float32; probabilities are cast to v's dtype for the weighted sum, which accumulates in
+    float32.
 
-        m' = max(m, max_s x_s),   l' = l e^(m - m') + sum_s e^(x_s - m'),   o' = o e^(m - m') + sum_s e^(x_s - m') v_s,
+    The softmax is stabilized by each query's score against itself, s_ii (the mask always lets a query see
+    itself), instead of a running maximum:
 
-    output o / l. Key blocks entirely after a query block's last index (causally invisible) are skipped
-    (``lax.cond``), so the work is about half that of a dense causal attention, and no array larger than
-    [B, heads, block_q, block_k] exists. The mask of each block is built from ``spec`` (same rule as
-    :func:`attention_mask`). Scores and the softmax are float32; probabilities are cast to v's dtype for
-    the weighted sum, which accumulates in float32.
+        out_i = sum_j e^(s_ij - s_ii) v_j / sum_j e^(s_ij - s_ii)
 
-    Padding queries (query i is invalid when key ``q_offset + i`` is) cost nothing: a query block visits
-    key blocks only up to the one holding its last valid query, and a block with no valid query none, so
-    the outputs at invalid query positions are unspecified (zero where nothing was visited; :func:`attention`
-    lets such a query see itself). Valid queries get exactly the result of :func:`attention`.
+    which is the softmax exactly (any constant c_i per row cancels) and needs no max reduction and no
+    rescaling of the accumulators between key blocks (the running maximum of flash attention); the loop
+    over a query block's key blocks has a data-dependent trip count, without a per-block ``lax.cond``. The
+    sums stay >= 1 (the term j = i), so nothing that matters underflows; should some score exceed the
+    stabilizer by so much that a row's sums overflow float32 (a gap of about 88 - ln S nats; not met in
+    practice), that query block is recomputed with the row's stabilizer raised by 64, up to 15 times
+    (a gap of ~1,000 nats; beyond it the row's output is not finite, never silently wrong). The
+    gradient is that of the running-maximum form (:func:`blocked_attention_online`, which a dynamic trip
+    count would not allow to differentiate).
+
+    Outputs at invalid query positions (query i is invalid when key ``q_offset + i`` is) are zero.
     q [B, T, N, hd], k/v [B, S, K, hd] (N a multiple of K) -> [B, T, N, hd].
     """
-    b, t, n, hd = q.shape
-    s, kh = k.shape[1], k.shape[2]
+    _check_blocked(q, k, spec)
+    arrays = (jnp.asarray(spec.q_offset, jnp.int32),) + tuple(spec[1:6])
+    kw = dict(window=spec.window, scale=scale, softcap=softcap, block_q=block_q, block_k=block_k)
+
+    def spec_of(a):
+        return MaskSpec(*a, spec.window)
+
+    @jax.custom_vjp
+    def f(q, k, v, a):
+        s = spec_of(a)
+        out = _blocked_self_stabilized(q, k, v, s, **kw)
+        return jnp.where(_query_valid(s, q.shape[1])[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+    def fwd(q, k, v, a):
+        return f(q, k, v, a), (q, k, v, a)
+
+    def bwd(res, g):
+        q, k, v, a = res
+        s = spec_of(a)
+        _, vjp = jax.vjp(lambda q, k, v: blocked_attention_online(q, k, v, s, **kw), q, k, v)
+        g = jnp.where(_query_valid(s, q.shape[1])[:, :, None, None], g, jnp.zeros((), g.dtype))
+        return (*vjp(g), jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), a))
+
+    f.defvjp(fwd, bwd)
+    return f(q, k, v, arrays)
+
+
+def _check_blocked(q: Array, k: Array, spec: MaskSpec) -> None:
+    t, s = q.shape[1], k.shape[1]
     if s != spec.kv_valid.shape[1] or t != spec.q_positions.shape[1]:
         raise ValueError(f"mask spec is for {spec.q_positions.shape[1]} queries / {spec.kv_valid.shape[1]} keys, "
                          f"got q {q.shape} k {k.shape}")
     if isinstance(spec.q_offset, (int, np.integer)) and spec.q_offset + t > s:
         raise ValueError(f"queries are keys q_offset + i: q_offset {spec.q_offset} + {t} queries > {s} keys")
+
+
+def _query_valid(spec: MaskSpec, t: int) -> Array:
+    """[B, T] bool: query i is valid iff key q_offset + i is."""
+    return jax.lax.dynamic_slice_in_dim(spec.kv_valid.astype(bool), spec.q_offset, t, axis=1)
+
+
+class _Blocks(NamedTuple):
+    """Queries and keys of :func:`blocked_attention` cut into blocks (see :func:`_blocks`)."""
+
+    bq: int
+    bk: int
+    nk: int
+    qb: Array  # [nq, B, K, G, bq, hd]
+    k: Array  # [B, nk * bk, K, hd] (keys and values stay in the buffer layout; visited blocks are sliced)
+    v: Array
+    kv_valid: Array  # [B, nk * bk]
+    kv_pos: Array
+    kv_seg: Array | None
+    q_start: Array  # [nq]: index of each block's first query
+    q_pos: Array  # [nq, B, bq]
+    q_seg: Array | None
+    q_valid: Array  # [nq, B, bq]
+    n_blocks: Array  # [nq]: key blocks needed, up to the one holding the block's last valid query
+
+
+def _pad_to(x: Array | None, length: int, axis: int = 1, value=0) -> Array | None:
+    if x is None or x.shape[axis] == length:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _blocks(q: Array, k: Array, v: Array, spec: MaskSpec, block_q: int, block_k: int) -> _Blocks:
+    b, t, n, hd = q.shape
+    s, kh = k.shape[1], k.shape[2]
     g = n // kh
-    bq = min(block_q, t)
-    bk = min(block_k, s)
+    bq, bk = min(block_q, t), min(block_k, s)
     nq, nk = -(-t // bq), -(-s // bk)
     tp, sp = nq * bq, nk * bk
 
-    def pad(x, length, value=0):
-        if x is None or x.shape[1] == length:
-            return x
-        widths = [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
-        return jnp.pad(x, widths, constant_values=value)
+    def q_blocks(x):  # [B, T] -> [nq, B, bq]
+        return _pad_to(x, tp).reshape(b, nq, bq).transpose(1, 0, 2)
 
-    # queries [nq, B, K, G, bq, hd]
-    qb = pad(q, tp).reshape(b, nq, bq, kh, g, hd).transpose(1, 0, 3, 4, 2, 5)
-    # keys / values stay [B, S', K, hd]; only the visited blocks are transposed (below), so a long,
-    # mostly unused KV buffer costs no work in proportion to its size
-    kpad, vpad = pad(k, sp), pad(v, sp)
-    kv_valid = pad(spec.kv_valid.astype(bool), sp, False)
-    kv_pos = pad(spec.kv_positions.astype(jnp.int32), sp)
-    kv_seg = pad(spec.kv_segments, sp, -1)
-    q_pos = pad(spec.q_positions.astype(jnp.int32), tp).reshape(b, nq, bq).transpose(1, 0, 2)
-    q_seg = None if spec.q_segments is None else pad(spec.q_segments, tp).reshape(b, nq, bq).transpose(1, 0, 2)
     q_start = spec.q_offset + jnp.arange(nq, dtype=jnp.int32) * bq
-    # key blocks a query block needs: up to the block holding its last *valid* query (query i is key
-    # q_offset + i, so its validity is kv_valid there); none for a block of padding queries
-    q_valid = pad(jax.lax.dynamic_slice_in_dim(spec.kv_valid.astype(bool), spec.q_offset, t, axis=1), tp, False)
+    q_valid = q_blocks(_query_valid(spec, t))
+    # key blocks a query block needs: up to the one holding its last *valid* query; none for padding only
     q_index = q_start[:, None] + jnp.arange(bq, dtype=jnp.int32)[None]  # [nq, bq]
-    last = jnp.max(jnp.where(q_valid.reshape(b, nq, bq), q_index[None], -1), axis=(0, 2))
-    n_blocks = jnp.where(last >= 0, jnp.minimum(last // bk + 1, nk), 0)
-    scale_q = jnp.asarray(scale, jnp.float32)
+    last = jnp.max(jnp.where(q_valid, q_index[:, None], -1), axis=(1, 2))
+    return _Blocks(
+        bq, bk, nk,
+        qb=_pad_to(q, tp).reshape(b, nq, bq, kh, g, hd).transpose(1, 0, 3, 4, 2, 5),
+        k=_pad_to(k, sp), v=_pad_to(v, sp),
+        kv_valid=_pad_to(spec.kv_valid.astype(bool), sp, value=False),
+        kv_pos=_pad_to(spec.kv_positions.astype(jnp.int32), sp),
+        kv_seg=_pad_to(spec.kv_segments, sp, value=-1),
+        q_start=q_start,
+        q_pos=q_blocks(spec.q_positions.astype(jnp.int32)),
+        q_seg=None if spec.q_segments is None else q_blocks(spec.q_segments),
+        q_valid=q_valid,
+        n_blocks=jnp.where(last >= 0, jnp.minimum(last // bk + 1, nk), 0),
+    )
+
+
+def _block_scores(qblk: Array, kk: Array, scale: float, softcap: float | None) -> Array:
+    """[B, K, G, bq, bk] float32 scores scale * q.k (soft-capped) of a query block and a key block."""
+    x = jnp.einsum("bkgqd,bksd->bkgqs", qblk, kk, preferred_element_type=jnp.float32) * jnp.asarray(scale, jnp.float32)
+    return x if softcap is None else jnp.tanh(x / softcap) * softcap
+
+
+def _key_block(blk: _Blocks, j: Array) -> tuple[Array, Array]:
+    """Keys and values of key block j as [B, K, bk, hd]."""
+    ks = j * blk.bk
+    kk = jax.lax.dynamic_slice_in_dim(blk.k, ks, blk.bk, axis=1).transpose(0, 2, 1, 3)
+    vv = jax.lax.dynamic_slice_in_dim(blk.v, ks, blk.bk, axis=1).transpose(0, 2, 1, 3)
+    return kk, vv
+
+
+def _block_visible(blk: _Blocks, j: Array, qi: Array, qp: Array, qsg: Array | None, window: int | None) -> Array:
+    """[B, bq, bk] bool: the mask of :func:`attention_mask` between query indices ``qi`` and key block j."""
+    ks = j * blk.bk
+    ki = ks + jnp.arange(blk.bk, dtype=jnp.int32)
+    vis = (ki[None, None, :] <= qi[None, :, None]) & jax.lax.dynamic_slice_in_dim(blk.kv_valid, ks, blk.bk, 1)[:, None, :]
+    if qsg is not None:
+        vis = vis & (qsg[:, :, None] == jax.lax.dynamic_slice_in_dim(blk.kv_seg, ks, blk.bk, 1)[:, None, :])
+    if window is not None:
+        kp = jax.lax.dynamic_slice_in_dim(blk.kv_pos, ks, blk.bk, 1)
+        vis = vis & ((qp[:, :, None] - kp[:, None, :]) < window)
+    return vis | (ki[None, None, :] == qi[None, :, None])  # as attention_mask: no empty row
+
+
+def _unblock(out: Array, t: int) -> Array:
+    """[nq, B, K, G, bq, hd] -> [B, T, N, hd]."""
+    nq, b, kh, g, bq, hd = out.shape
+    return out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, kh * g, hd)[:, :t]
+
+
+def _blocked_self_stabilized(q, k, v, spec: MaskSpec, *, window, scale, softcap, block_q, block_k):
+    """The forward of :func:`blocked_attention` (outputs at invalid queries unspecified)."""
+    b, t, n, hd = q.shape
+    kh = k.shape[2]
+    g = n // kh
+    blk = _blocks(q, k, v, spec, block_q, block_k)
+    nq = blk.qb.shape[0]
+    # the stabilizer: each query's score against itself, [nq, B, K, G, bq]
+    kself = jax.lax.dynamic_slice_in_dim(k, spec.q_offset, t, axis=1)
+    m = jnp.einsum("btkgd,btkd->bkgt", q.reshape(b, t, kh, g, hd), kself,
+                   preferred_element_type=jnp.float32) * jnp.asarray(scale, jnp.float32)
+    if softcap is not None:
+        m = jnp.tanh(m / softcap) * softcap
+    m = _pad_to(m, nq * blk.bq, axis=3).reshape(b, kh, g, nq, blk.bq).transpose(3, 0, 1, 2, 4)
+    zeros = (jnp.zeros((b, kh, g, blk.bq, hd), jnp.float32), jnp.zeros((b, kh, g, blk.bq), jnp.float32))
+
+    def per_query_block(_, xs):
+        qblk, qs, qp, qsg, qv, nkb, mq = xs
+        qi = qs + jnp.arange(blk.bq, dtype=jnp.int32)
+
+        def update(j, carry):
+            o, l, mq = carry
+            kk, vv = _key_block(blk, j)
+            x = _block_scores(qblk, kk, scale, softcap)
+            x = jnp.where(_block_visible(blk, j, qi, qp, qsg, window)[:, None, None], x, -jnp.inf)
+            p = jnp.exp(x - mq[..., None])
+            o = o + jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
+            return o, l + p.sum(-1), mq
+
+        def attempt(state):  # all key blocks with stabilizer mq; raise it where a valid row overflowed
+            it, mq, *_ = state
+            o, l, _ = jax.lax.fori_loop(0, nkb, update, (*zeros, mq))
+            bad = ~(jnp.isfinite(l) & jnp.isfinite(o).all(-1)) & qv[:, None, None, :]
+            return it + 1, jnp.where(bad, mq + _RESTABILIZE, mq), o, l, bad.any()
+
+        *_, o, l, _ = jax.lax.while_loop(lambda s: s[4] & (s[0] < _MAX_ATTEMPTS), attempt, (0, mq, *zeros, True))
+        return None, (o / jnp.where(l > 0, l, 1.0)[..., None]).astype(q.dtype)
+
+    xs = (blk.qb, blk.q_start, blk.q_pos, blk.q_seg, blk.q_valid, blk.n_blocks, m)
+    _, out = jax.lax.scan(per_query_block, None, xs)
+    return _unblock(out, t)
+
+
+_RESTABILIZE = 64.0  # nats added to a row's stabilizer when its sums overflow (blocked_attention)
+_MAX_ATTEMPTS = 16
+
+
+def blocked_attention_online(q, k, v, spec: MaskSpec, *, window=None, scale, softcap=None, block_q=256, block_k=512):
+    """:func:`blocked_attention` with the running-maximum (online) softmax of flash attention:
+
+        m' = max(m, max_s x_s),   l' = l e^(m - m') + sum_s e^(x_s - m'),   o' = o e^(m - m') + sum_s e^(x_s - m') v_s,
+
+    output o / l. Never overflows, whatever the scores; a static trip count over the key blocks with a
+    ``lax.cond`` per block (not a dynamic one) keeps it reverse-differentiable, so it is
+    :func:`blocked_attention`'s gradient and its fallback. Outputs at invalid queries are unspecified.
+    ``window`` must equal ``spec.window`` (it is passed separately only to share keyword arguments).
+    """
+    _check_blocked(q, k, spec)
+    b, t, n, hd = q.shape
+    kh = k.shape[2]
+    g = n // kh
+    blk = _blocks(q, k, v, spec, block_q, block_k)
 
     def per_query_block(_, xs):
         qblk, qs, qp, qsg, nkb = xs
-        qi = qs + jnp.arange(bq, dtype=jnp.int32)
+        qi = qs + jnp.arange(blk.bq, dtype=jnp.int32)
 
         def update(j, carry):
             o, m, l = carry
-            ks = j * bk
-            kk = jax.lax.dynamic_slice_in_dim(kpad, ks, bk, axis=1).transpose(0, 2, 1, 3)  # [B, K, bk, hd]
-            vv = jax.lax.dynamic_slice_in_dim(vpad, ks, bk, axis=1).transpose(0, 2, 1, 3)
-            ki = ks + jnp.arange(bk, dtype=jnp.int32)
-            x = jnp.einsum("bkgqd,bksd->bkgqs", qblk, kk, preferred_element_type=jnp.float32) * scale_q
-            if softcap is not None:
-                x = jnp.tanh(x / softcap) * softcap
-            vis = (ki[None, None, :] <= qi[None, :, None]) & jax.lax.dynamic_slice_in_dim(kv_valid, ks, bk, 1)[:, None, :]
-            if qsg is not None:
-                vis = vis & (qsg[:, :, None] == jax.lax.dynamic_slice_in_dim(kv_seg, ks, bk, 1)[:, None, :])
-            if spec.window is not None:
-                kp = jax.lax.dynamic_slice_in_dim(kv_pos, ks, bk, 1)
-                vis = vis & ((qp[:, :, None] - kp[:, None, :]) < spec.window)
-            vis = vis | (ki[None, None, :] == qi[None, :, None])  # as attention_mask: no empty row
-            x = jnp.where(vis[:, None, None], x, -jnp.inf)
+            kk, vv = _key_block(blk, j)
+            x = _block_scores(qblk, kk, scale, softcap)
+            x = jnp.where(_block_visible(blk, j, qi, qp, qsg, spec.window)[:, None, None], x, -jnp.inf)
             m_new = jnp.maximum(m, x.max(-1))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
             p = jnp.exp(x - m_safe[..., None])
@@ -313,17 +466,15 @@ def blocked_attention(
                                                  preferred_element_type=jnp.float32)
             return o, m_new, l
 
-        init = (jnp.zeros((b, kh, g, bq, hd), jnp.float32), jnp.full((b, kh, g, bq), -jnp.inf, jnp.float32),
-                jnp.zeros((b, kh, g, bq), jnp.float32))
-        # a static trip count with a cond (not a dynamic one) keeps the loop reverse-differentiable (training)
+        init = (jnp.zeros((b, kh, g, blk.bq, hd), jnp.float32), jnp.full((b, kh, g, blk.bq), -jnp.inf, jnp.float32),
+                jnp.zeros((b, kh, g, blk.bq), jnp.float32))
         body = lambda j, carry: jax.lax.cond(j < nkb, update, lambda _, c: c, j, carry)  # noqa: E731
-        o, _, l = jax.lax.fori_loop(0, nk, body, init)
+        o, _, l = jax.lax.fori_loop(0, blk.nk, body, init)
         return None, (o / jnp.where(l > 0, l, 1.0)[..., None]).astype(q.dtype)
 
-    xs = (qb, q_start, q_pos, q_seg, n_blocks)
-    _, out = jax.lax.scan(per_query_block, None, xs)  # [nq, B, K, G, bq, hd]
-    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, tp, n, hd)
-    return out[:, :t]
+    xs = (blk.qb, blk.q_start, blk.q_pos, blk.q_seg, blk.n_blocks)
+    _, out = jax.lax.scan(per_query_block, None, xs)
+    return _unblock(out, t)
 
 
 # ---------------------------------------------------------------------------------------------- mlp
