@@ -55,6 +55,7 @@ interrupted-and-resumed run gives bit-identical statistics to an uninterrupted o
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -372,6 +373,7 @@ def set_mmap_threshold(nbytes: int) -> bool:
 
 
 _POOL: list = []
+_LOOKAHEAD = 2  # batches whose forwards are queued beyond the one the calling thread waits for
 
 
 def _model_pool() -> ThreadPoolExecutor:
@@ -492,8 +494,8 @@ def _prefix_buffer(graphdef, state, ids: np.ndarray, *, chunk: int, rows: int, b
 
 def head_program(policy_cfg, reference_cfg, *, top_k: int, vocab_chunk: int, token_block: int, same_vocab: bool):
     """jit(ph [R, N, D], pw [V, D], rh, rw, tgt [R, N]) -> statistics of the hidden states at the scored
-    positions (``gather_program`` picks them; reference arguments None: policy only). Memoized per settings;
-    compiled per (R, N), N a power of two."""
+    positions (reference arguments None: policy only). Memoized per settings; `score_rendered` calls it
+    on blocks of one shape ([data-parallel size, head_positions / that], see `_HeadBlocks`)."""
     from pa_jax.head import head_statistics, paired_head_statistics
 
     kw = dict(top_k=top_k, vocab_chunk=vocab_chunk, token_block=token_block)
@@ -813,7 +815,7 @@ def score_rendered(
             (the pool's threads run the batches' forwards in order, each as soon as a thread is free: no
             wait for the other model or for the head of the previous batch) or, without a pool, a thunk."""
             ids_h, mask_h, seg, pos, tgt, where = _batch_arrays(rendered, b, plan.prefix_length, pad_id)
-            pos, tgt = put(pos), put(tgt)
+            pos = put(pos)  # the targets stay on the host until the head's blocks are formed
             ntok = int(mask_h.sum()) + plan.prefix_length * sum(len(row) for row in b.rows)
             rows = None if b.chunked else (put(ids_h), put(mask_h), put(seg))  # chunked: moved chunk by chunk
 
@@ -831,10 +833,21 @@ def score_rendered(
                 hidden = [pool.submit(lambda k=k: jax.block_until_ready(hidden_of(k))) for k in range(len(models))]
             return tgt, ntok, where, hidden
 
-        launched = [launch(b) for b in todo]
+        # batches launched ahead of the one being finished: enough to keep both threads busy while the
+        # calling thread waits, without holding every batch's arrays and futures at once
+        launched: collections.deque = collections.deque()
+        upcoming = iter(todo)
+
+        def top_up():
+            while len(launched) < _LOOKAHEAD + 1 and (nb := next(upcoming, None)) is not None:
+                launched.append((nb, launch(nb)))
+
         heads = _HeadBlocks(head, weights, options.head_positions, dp, put)
         try:
-            for b, (tgt, ntok, where, hidden) in zip(todo, launched):
+            top_up()
+            while launched:
+                b, (tgt, ntok, where, hidden) = launched.popleft()
+                top_up()
                 hidden = [h.result() if pool is not None else h() for h in hidden]
                 heads.add(b, ntok, where, hidden, tgt, final=b is todo[-1])
                 del hidden
@@ -855,7 +868,7 @@ def score_rendered(
                         progress(b_done, ntok_done)
         finally:  # after an error or an interrupt, forwards not yet started are not run
             if pool is not None:
-                for *_, hidden in launched:
+                for _, (*_, hidden) in launched:
                     for h in hidden:
                         h.cancel()
 
