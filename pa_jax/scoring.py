@@ -657,9 +657,10 @@ class _HeadBlocks:
         items = sorted(where.items(), key=lambda x: (x[1][0], x[1][1].start))
         for i, (r, sl) in items:
             self.waiting.append(([h[r, sl] for h in hs], tg[r, sl]))
-            self.n_waiting += sl.stop - sl.start
-        self.batches.append((batch, ntok, [(i, sl.stop - sl.start) for i, (_, sl) in items],
-                             sum(sl.stop - sl.start for _, (_, sl) in items)))
+        counts = [(i, sl.stop - sl.start) for i, (_, sl) in items]
+        total = sum(m for _, m in counts)
+        self.n_waiting += total
+        self.batches.append((batch, ntok, counts, total))
         while self.n_waiting >= self.size or (final and self.n_waiting):
             self._run()
 
@@ -679,7 +680,7 @@ class _HeadBlocks:
         out = self.head(*args, block(tg))
         for key, v in out.items():
             v = np.asarray(v).reshape((self.size,) + v.shape[2:])[:n]
-            self.done[key] = self.done.get(key, []) + [v]
+            self.done.setdefault(key, []).append(v)
         self.n_done += n
         rest = ([h[n:] for h in hs], tg[n:])
         self.waiting = [rest] if len(tg) > n else []

@@ -255,7 +255,7 @@ def blocked_attention(
     """
     _check_blocked(q, k, spec)
     arrays = (jnp.asarray(spec.q_offset, jnp.int32),) + tuple(spec[1:6])
-    kw = dict(window=spec.window, scale=scale, softcap=softcap, block_q=block_q, block_k=block_k)
+    kw = dict(scale=scale, softcap=softcap, block_q=block_q, block_k=block_k)
 
     def spec_of(a):
         return MaskSpec(*a, spec.window)
@@ -385,7 +385,7 @@ def _unblock(out: Array, t: int) -> Array:
     return out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, kh * g, hd)[:, :t]
 
 
-def _blocked_self_stabilized(q, k, v, spec: MaskSpec, *, window, scale, softcap, block_q, block_k):
+def _blocked_self_stabilized(q, k, v, spec: MaskSpec, *, scale, softcap, block_q, block_k):
     """The forward of :func:`blocked_attention` (outputs at invalid queries unspecified)."""
     b, t, n, hd = q.shape
     kh = k.shape[2]
@@ -405,18 +405,19 @@ def _blocked_self_stabilized(q, k, v, spec: MaskSpec, *, window, scale, softcap,
         qblk, qs, qp, qsg, qv, nkb, mq = xs
         qi = qs + jnp.arange(blk.bq, dtype=jnp.int32)
 
-        def update(j, carry):
-            o, l, mq = carry
-            kk, vv = _key_block(blk, j)
-            x = _block_scores(qblk, kk, scale, softcap)
-            x = jnp.where(_block_visible(blk, j, qi, qp, qsg, window)[:, None, None], x, -jnp.inf)
-            p = jnp.exp(x - mq[..., None])
-            o = o + jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
-            return o, l + p.sum(-1), mq
-
         def attempt(state):  # all key blocks with stabilizer mq; raise it where a valid row overflowed
             it, mq, *_ = state
-            o, l, _ = jax.lax.fori_loop(0, nkb, update, (*zeros, mq))
+
+            def update(j, carry):
+                o, l = carry
+                kk, vv = _key_block(blk, j)
+                x = _block_scores(qblk, kk, scale, softcap)
+                x = jnp.where(_block_visible(blk, j, qi, qp, qsg, spec.window)[:, None, None], x, -jnp.inf)
+                p = jnp.exp(x - mq[..., None])
+                o = o + jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
+                return o, l + p.sum(-1)
+
+            o, l = jax.lax.fori_loop(0, nkb, update, zeros)
             bad = ~(jnp.isfinite(l) & jnp.isfinite(o).all(-1)) & qv[:, None, None, :]
             return it + 1, jnp.where(bad, mq + _RESTABILIZE, mq), o, l, bad.any()
 
@@ -432,15 +433,14 @@ _RESTABILIZE = 64.0  # nats added to a row's stabilizer when its sums overflow (
 _MAX_ATTEMPTS = 16
 
 
-def blocked_attention_online(q, k, v, spec: MaskSpec, *, window=None, scale, softcap=None, block_q=256, block_k=512):
+def blocked_attention_online(q, k, v, spec: MaskSpec, *, scale, softcap=None, block_q=256, block_k=512):
     """:func:`blocked_attention` with the running-maximum (online) softmax of flash attention:
 
         m' = max(m, max_s x_s),   l' = l e^(m - m') + sum_s e^(x_s - m'),   o' = o e^(m - m') + sum_s e^(x_s - m') v_s,
 
     output o / l. Never overflows, whatever the scores; a static trip count over the key blocks with a
-    ``lax.cond`` per block (not a dynamic one) keeps it reverse-differentiable, so it is
-    :func:`blocked_attention`'s gradient and its fallback. Outputs at invalid queries are unspecified.
-    ``window`` must equal ``spec.window`` (it is passed separately only to share keyword arguments).
+    ``lax.cond`` per block (not a dynamic one) keeps it reverse-differentiable, so it supplies
+    :func:`blocked_attention`'s gradient. Outputs at invalid queries are unspecified.
     """
     _check_blocked(q, k, spec)
     b, t, n, hd = q.shape
