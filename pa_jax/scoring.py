@@ -128,6 +128,14 @@ class ScoringOptions:
     concurrent_models: bool = True  # policy and reference forwards in two host threads
     mmap_threshold: int | None = 1 << 20  # glibc: allocations of at least this many bytes via mmap (None: leave)
 
+    def __post_init__(self):
+        at_least = dict(top_k=0, max_batch_tokens=1, pack_length=1, min_prefix=0, attention_chunk=1, vocab_chunk=1,
+                        token_block=1, head_positions=1)
+        for name, low in at_least.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+                raise ValueError(f"ScoringOptions.{name} must be an integer >= {low}, got {v!r}")
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -643,7 +651,7 @@ class _HeadBlocks:
 
     def __init__(self, head, weights, size: int, dp: int, put):
         self.head, self.weights, self.put = head, weights, put
-        self.size = _round_up(max(int(size), 1), dp)
+        self.size = _round_up(size, dp)
         self.dp = dp
         self.waiting: list = []  # (hidden [n, D] per model, targets [n]) not yet computed
         self.n_waiting = 0

@@ -201,3 +201,10 @@ def test_atomic_write_replaces_whole_file_with_usual_permissions(tmp_path):
         atomic_write_bytes(path, failing)
     assert json.loads(path.read_text()) == {"a": 1}
     assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
+
+
+@pytest.mark.parametrize("field, value", [("head_positions", 0), ("attention_chunk", -512), ("top_k", 2.5),
+                                          ("vocab_chunk", None)])
+def test_bad_scoring_options_refused(field, value):
+    with pytest.raises(ValueError, match=f"ScoringOptions.{field} must be an integer"):
+        ScoringOptions(**{field: value})
