@@ -22,15 +22,15 @@ accelerator (a table of dense bf16 peaks; ``--peak-tflops`` overrides). On CPU i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import platform
-import tempfile
 import time
 
 import jax
 import numpy as np
+
+from pa_jax.io import atomic_write_json
 
 # Dense bf16 peak TFLOP/s per device kind (substring match on jax's device_kind, lower-cased).
 PEAK_TFLOPS = {
@@ -187,14 +187,6 @@ def bench_mfu(args) -> dict | None:
     return row
 
 
-def _write_json_atomic(path: pathlib.Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
@@ -218,7 +210,7 @@ def main(argv=None) -> int:
         with jax.default_device(jax.devices("cpu")[0]):  # the comparison is on the CPU, even on a GPU host
             out["cpu_forward"] = bench_cpu(args)
     if args.out is not None:
-        _write_json_atomic(args.out, out)
+        atomic_write_json(args.out, out)
     return 0
 
 

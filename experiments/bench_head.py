@@ -13,10 +13,7 @@ also the allocator's peak), and the ratios fused / baseline.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import pathlib
-import tempfile
 import time
 
 import jax
@@ -24,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pa_jax.head import DEFAULT_TOKEN_BLOCK, DEFAULT_VOCAB_CHUNK, head_statistics
+from pa_jax.io import atomic_write_json
 
 
 def full_vocab_stats(hidden, unembedding, targets, top_k: int):
@@ -118,11 +116,7 @@ def main(argv=None) -> int:
               f"temp-memory ratio (full / fused): {result['temp_memory_ratio_full_over_fused']:.1f}x   "
               f"max |diff| {result['max_abs_diff']:.2e}, top-k ids equal: {result['topk_ids_equal']}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(result, fh, indent=2)
-        os.replace(tmp, args.out)
+        atomic_write_json(args.out, result)
     return 0
 
 

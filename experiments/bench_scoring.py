@@ -105,7 +105,7 @@ def torch_worker(cfg: dict) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     if cfg["workload"] == "airline":
-        from pa_jax.scoring import load_tokenizer
+        from pa_jax.data.tokenizers import load_tokenizer
 
         g = smollm2_gguf()
         tok = load_tokenizer(g)
@@ -140,7 +140,8 @@ def jax_worker(cfg: dict) -> dict:
     import numpy as np
 
     from pa_jax.models.load import load
-    from pa_jax.scoring import ScoringOptions, load_tokenizer, score_rendered
+    from pa_jax.data.tokenizers import load_tokenizer
+    from pa_jax.scoring import ScoringOptions, score_rendered
 
     if cfg["workload"] == "airline":
         g = smollm2_gguf()
@@ -323,7 +324,7 @@ def main() -> None:
     drop_logprobs(results)
     print(json.dumps(results, indent=2))
     if args.out:
-        from pa_jax.scoring import atomic_write_json
+        from pa_jax.io import atomic_write_json
 
         atomic_write_json(args.out, results)
 

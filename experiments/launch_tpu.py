@@ -22,12 +22,12 @@ per-token log-ratio log pi_theta - log pi_ref through the fused head. Process 0 
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
-import tempfile
 
 import jax
 import numpy as np
+
+from pa_jax.io import atomic_write_bytes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,11 +110,8 @@ def main(argv=None) -> int:
         lp_pi = np.asarray(multihost_utils.process_allgather(lp_pi, tiled=True))
     valid = (mask[:, 1:] * mask[:, :-1]).astype(bool)
     if jax.process_index() == 0:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".npz")
-        os.close(fd)
-        np.savez(tmp, advantage=np.where(valid, ratio, 0.0), policy_logprob=np.where(valid, lp_pi, 0.0), mask=valid)
-        os.replace(tmp, args.out)
+        atomic_write_bytes(args.out, lambda f: np.savez(f, advantage=np.where(valid, ratio, 0.0),
+                                                        policy_logprob=np.where(valid, lp_pi, 0.0), mask=valid))
         per_row = np.where(valid, ratio, 0.0).sum(1) / np.maximum(valid.sum(1), 1)
         for t, s in zip(texts, per_row):
             print(f"{s:+.4f}  {t[:70]}")

@@ -29,7 +29,6 @@ pi_theta) between beta * log(pi_theta/pi_ref) and A* computed against the refere
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -42,6 +41,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pa_jax.io import atomic_write_json  # noqa: E402
 from toy_mdp import text_env as te  # noqa: E402
 
 DEFAULT_BETA = 0.5
@@ -284,7 +284,7 @@ def export(out_dir: str, config, reference, policy, env: te.SteppingStones, meta
         os.makedirs(d, exist_ok=True)
         save_pretrained(config, model, d)
         te.save_tokenizer(env, d)
-    te._atomic_write_text(os.path.join(out_dir, "toy_pair.json"), json.dumps(meta, indent=2) + "\n")
+    atomic_write_json(os.path.join(out_dir, "toy_pair.json"), meta)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,10 +28,11 @@ import importlib.resources
 import json
 import os
 import pathlib
-import tempfile
 import time
 
 import numpy as np
+
+from pa_jax.io import atomic_write_bytes, atomic_write_json
 
 TOKEN_AGGS_SHOWN = ("sum", "mean", "min", "max")
 
@@ -52,19 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # pieces
-
-
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".tmp_" + path.name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _load_pair(pair_dir: pathlib.Path):
@@ -273,11 +261,11 @@ def run_demo(out_dir: str | os.PathLike, *, seed: int = 0, num_rollouts: int = 1
         },
     }
     results["wall_seconds"] = time.time() - t_start
-    _atomic_write(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    atomic_write_json(out / "results.json", results)
     if figure:
         _figure(out / "demo.png", step_pa, exact_adv, first, results)
     results["wall_seconds"] = time.time() - t_start
-    _atomic_write(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    atomic_write_json(out / "results.json", results)
     if verbose:
         print(summary_table(results))
         print(f"\nwrote {out / 'results.json'}" + ("" if not figure else f" and {out / 'demo.png'}")
@@ -374,12 +362,8 @@ def _figure(path: pathlib.Path, step_pa: dict, exact_adv: np.ndarray, first: np.
          [(f["chance_accuracy"], "chance", ":")])
     fig.suptitle(f"pa-jax demo: stepping stones, beta = {r['beta']}, {r['num_rollouts']} policy rollouts", fontsize=12)
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pa_jax.scoring import atomic_write_bytes  # noqa: E402
+from pa_jax.io import atomic_write_bytes  # noqa: E402
 
 COLORS = {"exact_pg": "black", "reinforce_kl": "tab:blue", "grpo": "tab:orange",
           "ppo_clip": "tab:red", "ppo_kl": "tab:green"}

@@ -31,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pa_jax.scoring import atomic_write_bytes  # noqa: E402
+from pa_jax.io import atomic_write_bytes  # noqa: E402
 
 KINDS = ("uq", "bon", "fa")
 

@@ -380,7 +380,7 @@ def test_gguf_tokenizer_without_torch_equals_default(monkeypatch):
     the same tokenizer from the GGUF metadata alone."""
     import transformers
 
-    from pa_jax.scoring import load_tokenizer
+    from pa_jax.data.tokenizers import load_tokenizer
 
     path = _smollm2_path()
     default = load_tokenizer(path)

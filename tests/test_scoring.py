@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pa_jax.data import Message, ToolCall, Trajectory, render
-from pa_jax.scoring import ScoringOptions, check_tokenizers, score_rendered
+from pa_jax.data.tokenizers import check_tokenizers
+from pa_jax.scoring import ScoringOptions, score_rendered
 from test_render import tiny_tokenizer
 
 CORPUS = ("[system]: You are an airline agent. Follow the policy. [user]: book a flight please "
@@ -176,31 +177,6 @@ def test_token_outside_vocab_refused(pair, tok):
     bad.input_ids[3] = 999
     with pytest.raises(ValueError, match="outside the model vocabulary"):
         score_rendered([bad], pair["policy"], None)
-
-
-def test_atomic_write_replaces_whole_file_with_usual_permissions(tmp_path):
-    """Results files are replaced whole (a failing writer leaves the old one and no temp file) and get
-    the permissions of an ordinary file (0666 minus the umask), not mkstemp's private 0600."""
-    import json
-    import os
-
-    from pa_jax.scoring import atomic_write_bytes, atomic_write_json
-
-    path = tmp_path / "out" / "results.json"
-    atomic_write_json(path, {"a": 1})
-    mask = os.umask(0o022)
-    os.umask(mask)
-    assert (path.stat().st_mode & 0o777) == 0o666 & ~mask
-    assert json.loads(path.read_text()) == {"a": 1}
-
-    def failing(f):
-        f.write(b"partial")
-        raise RuntimeError("writer failed")
-
-    with pytest.raises(RuntimeError, match="writer failed"):
-        atomic_write_bytes(path, failing)
-    assert json.loads(path.read_text()) == {"a": 1}
-    assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
 
 
 @pytest.mark.parametrize("field, value", [("head_positions", 0), ("attention_chunk", -512), ("top_k", 2.5),

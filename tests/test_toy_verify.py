@@ -22,7 +22,7 @@ def test_verify_small_run_passes_and_writes_json(tmp_path, capsys):
     rows = {r["check"]: r for r in report["checks"]}
     prop1 = next(r for name, r in rows.items() if name.startswith("1. Proposition 1"))
     assert prop1["passed"] and 0 <= prop1["worst"] <= 1e-8
-    assert not list(out.parent.glob(".tmp-*"))  # atomic write left no temp file
+    assert not list(out.parent.glob("*.tmp"))  # atomic write left no temp file (pa_jax.io: <name>.<random>.tmp)
 
 
 def test_verify_exits_nonzero_when_a_check_fails(monkeypatch, capsys):
@@ -48,6 +48,6 @@ def test_json_write_is_atomic(tmp_path):
     path.write_text("old")
     with pytest.raises(TypeError):
         verify.write_json_atomic(str(path), {"x": object()})
-    assert path.read_text() == "old" and not list(tmp_path.glob(".tmp-*"))
+    assert path.read_text() == "old" and not list(tmp_path.glob("*.tmp"))
     verify.write_json_atomic(str(path), {"x": np.float64(1.5).item()})
     assert json.loads(path.read_text()) == {"x": 1.5}

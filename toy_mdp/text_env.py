@@ -34,17 +34,18 @@ objective exactly by backward induction on the tree, in float64:
 
 where ``pi_ref(stop|h) = 1 - sum_a pi_ref(a|h)`` is the reference's mass on invalid commands. The dense
 ``[S, A, S]`` arrays of :mod:`toy_mdp` would need ``S = sum_t 6^t`` states; the tree needs only per-depth
-arrays. Nothing here imports ``pa_jax``.
+arrays. Of ``pa_jax`` only the stdlib-only writer ``pa_jax.io`` is imported.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+
+from pa_jax.io import atomic_write_text
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
@@ -470,20 +471,11 @@ def build_tokenizer(env: SteppingStones):
     return tok
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def save_tokenizer(env: SteppingStones, directory: str) -> None:
     """Write ``tokenizer.json`` + ``tokenizer_config.json`` that ``PreTrainedTokenizerFast`` loads."""
     os.makedirs(directory, exist_ok=True)
-    _atomic_write_text(os.path.join(directory, "tokenizer.json"), build_tokenizer(env).to_str(pretty=True))
+    atomic_write_text(os.path.join(directory, "tokenizer.json"), build_tokenizer(env).to_str(pretty=True))
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "unk_token": UNK,
            "pad_token": PAD, "model_max_length": 256, "clean_up_tokenization_spaces": False,
            "add_bos_token": False}
-    _atomic_write_text(os.path.join(directory, "tokenizer_config.json"), json.dumps(cfg, indent=2) + "\n")
+    atomic_write_text(os.path.join(directory, "tokenizer_config.json"), json.dumps(cfg, indent=2) + "\n")

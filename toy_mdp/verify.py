@@ -10,14 +10,12 @@ table (check, worst error, tolerance, pass) and returns non-zero if any check fa
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import tempfile
 import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from pa_jax.io import atomic_write_json
 from toy_mdp.mdp import TabularMDP, random_mdp, random_reference_policy
 from toy_mdp.solve import (evaluate_policy, progress_k_advantage, regularized_return,
                            solve_kl_regularized, solve_trajectory_posterior, value_iteration)
@@ -277,18 +275,8 @@ def format_table(checks: Sequence[Check]) -> str:
 
 
 def write_json_atomic(path: str, payload: dict) -> None:
-    """Write ``payload`` as JSON to ``path`` atomically (temp file in the same folder + replace)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``payload`` as strict JSON to ``path`` atomically (``pa_jax.io.atomic_write_json``)."""
+    atomic_write_json(path, payload)
 
 
 def main(num_mdps: int = 500, seed: int = 0, json_path: Optional[str] = None, *,

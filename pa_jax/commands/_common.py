@@ -109,7 +109,7 @@ def config_dict(args: argparse.Namespace) -> dict:
 
 def write_results(path: str | None, obj: dict) -> None:
     if path:
-        from pa_jax.scoring import atomic_write_json
+        from pa_jax.io import atomic_write_json
 
         atomic_write_json(path, obj)
 
@@ -147,7 +147,8 @@ def prepare(args: argparse.Namespace, *, require: str | None) -> Scored:
     """Load, render, and score (both models) the trajectories named by ``args``."""
     import jax
 
-    from pa_jax.scoring import ScoringOptions, check_tokenizers, load_tokenizer, model_identity, score_rendered
+    from pa_jax.data.tokenizers import check_tokenizers, load_tokenizer
+    from pa_jax.scoring import ScoringOptions, model_identity, score_rendered
 
     validate_args(args)
     ds = load(args.data)

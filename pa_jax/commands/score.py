@@ -8,9 +8,9 @@ written as lines with ``"skipped": reason``.
 from __future__ import annotations
 
 import argparse
-import json
 
 from pa_jax.commands import _common as C
+from pa_jax.io import atomic_write_text, dumps_strict
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,13 +35,10 @@ def run(args: argparse.Namespace) -> int:
         })
     for s in sc.dataset.skipped:
         lines.append({"skipped": s.reason, "source": s.source, "item": s.item})
-    text = "".join(json.dumps(x) + "\n" for x in lines)
+    text = "".join(dumps_strict(x, indent=None) + "\n" for x in lines)  # NaN -> null
     path = args.jsonl or (args.out[: -len(".json")] + ".jsonl" if args.out and args.out.endswith(".json") else None)
     if path:
-        from pa_jax.scoring import atomic_write_bytes
-        import pathlib
-
-        atomic_write_bytes(pathlib.Path(path), lambda f: f.write(text.encode()))
+        atomic_write_text(path, text)
     else:
         print(text, end="")
     res = C.base_results(args, "score", sc)

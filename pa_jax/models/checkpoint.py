@@ -7,8 +7,8 @@ Layout of a checkpoint directory::
 
 Restoring builds an abstract :class:`Decoder` (no memory), attaches each parameter's target sharding
 (from ``mesh`` and :mod:`pa_jax.models.sharding`'s rules, or one device) and lets orbax read every array
-straight into place. Writes are atomic (orbax commits through a temporary directory; config.json is written
-to a temp file and renamed).
+straight into place. Writes are atomic (orbax commits through a temporary directory; config.json with
+``pa_jax.io.atomic_write_text``).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pa_jax.io import atomic_write_text
 from pa_jax.models.config import ModelConfig
 from pa_jax.models.decoder import Decoder
 
@@ -48,10 +48,7 @@ def save_params(config: ModelConfig, model: Decoder, path: str | os.PathLike, *,
     hf = config.to_hf_dict()
     hf["dtype"] = jnp.dtype(model.dtype).name
     hf.pop("torch_dtype", None)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix="config.json", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
-    os.replace(tmp, out / "config.json")
+    atomic_write_text(out / "config.json", json.dumps(hf, indent=2, sort_keys=True))
     _, state = nnx.split(model)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(params, state, force=overwrite)

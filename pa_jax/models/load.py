@@ -26,7 +26,6 @@ import json
 import os
 import pathlib
 import struct
-import tempfile
 from typing import Any, Callable, Mapping, Protocol
 
 import jax
@@ -35,6 +34,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from pa_jax.io import atomic_write_bytes, atomic_write_text
 from pa_jax.models import params as P
 from pa_jax.models.config import ModelConfig
 from pa_jax.models.decoder import Decoder
@@ -317,25 +317,14 @@ def write_safetensors(file: str | os.PathLike, arrays: Mapping[str, Any], metada
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for key in order:
-                f.write(np.ascontiguousarray(np.asarray(jax.device_get(arrays[key]))).tobytes())
-        os.replace(tmp, file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
+    def write(f):
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for key in order:
+            f.write(np.ascontiguousarray(np.asarray(jax.device_get(arrays[key]))).tobytes())
 
-def _write_json_atomic(file: pathlib.Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, file)
+    atomic_write_bytes(file, write)
 
 
 def model_tensors(config: ModelConfig, model: Decoder) -> dict[str, jax.Array]:
@@ -360,4 +349,4 @@ def save_pretrained(config: ModelConfig, model: Decoder, path: str | os.PathLike
     hf.pop("torch_dtype", None)
     tensors = model_tensors(config, model)
     write_safetensors(out / "model.safetensors", tensors)
-    _write_json_atomic(out / "config.json", hf)
+    atomic_write_text(out / "config.json", json.dumps(hf, indent=2, sort_keys=True))
