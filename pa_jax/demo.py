@@ -273,7 +273,18 @@ def run_demo(out_dir: str | os.PathLike, *, seed: int = 0, num_rollouts: int = 1
     return results
 
 
+def _null_as_nan(o):
+    """A results object read back from strict JSON, with its nulls (undefined values) as NaN again."""
+    if isinstance(o, dict):
+        return {k: _null_as_nan(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_null_as_nan(v) for v in o]
+    return float("nan") if o is None else o
+
+
 def summary_table(r: dict) -> str:
+    """The printed summary of a results object (as run_demo returns it or read back from results.json)."""
+    r = _null_as_nan(r)
     p = r["proposition1"]
     lines = [
         f"pa-jax demo: stepping stones (H={r['env']['horizon']}, {r['env']['num_history_commands']} history-commands), "

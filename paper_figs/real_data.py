@@ -58,6 +58,12 @@ def load(path: str) -> dict:
     return result
 
 
+def _num(m: dict, field: str) -> float:
+    """A metric as a float: NaN where it is absent or null (strict JSON writes an undefined value as null)."""
+    v = m.get(field)
+    return float("nan") if v is None else float(v)
+
+
 def _family(key: str) -> str:
     return key.split("/")[0]
 
@@ -131,15 +137,15 @@ def markdown(result: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         for f, key, m in _best_per_method(metrics, "auroc"):
             lo, hi = m["auroc_ci95"]
-            lines.append(f"| {f} | {key} | {m['auroc']:.3f} [{lo:.2f}, {hi:.2f}] | {m.get('spearman', float('nan')):.3f} "
-                         f"| {m.get('brier', float('nan')):.3f} | {m.get('ece', float('nan')):.3f} | {_at_mean(metrics, f, 'auroc')} |")
+            lines.append(f"| {f} | {key} | {_num(m, 'auroc'):.3f} [{lo:.2f}, {hi:.2f}] | {_num(m, 'spearman'):.3f} "
+                         f"| {_num(m, 'brier'):.3f} | {_num(m, 'ece'):.3f} | {_at_mean(metrics, f, 'auroc')} |")
     elif kind == "bon":
         any_m = next(iter(metrics.values()))
         lines += [f"pass@1 {any_m['pass_at_1']:.3f}, oracle pass@N {any_m['oracle_pass_at_n']:.3f} "
                   f"({any_m.get('n_tasks')} tasks, {any_m.get('n_rollouts')} rollouts)", "",
                   "| method | best aggregation | best-of-N success | mean reward | success at mean/mean |", "|---|---|---|---|---|"]
         for f, key, m in _best_per_method(metrics, "bon_success_rate"):
-            lines.append(f"| {f} | {key} | {m['bon_success_rate']:.3f} | {m['bon_mean_reward']:.3f} | "
+            lines.append(f"| {f} | {key} | {_num(m, 'bon_success_rate'):.3f} | {_num(m, 'bon_mean_reward'):.3f} | "
                          f"{_at_mean(metrics, f, 'bon_success_rate')} |")
     else:
         lines += ["| split | method | best token agg / rule | step acc | within-1 | MAE | agent acc | n |",
@@ -148,12 +154,12 @@ def markdown(result: dict) -> str:
             best: dict[str, tuple] = {}
             for key, rules in per.items():
                 for rule, v in rules.items():
-                    cand = (v["step_accuracy"], v["within1_accuracy"], key, rule, v)
+                    cand = (_num(v, "step_accuracy"), _num(v, "within1_accuracy"), key, rule, v)
                     if _family(key) not in best or cand[:2] > best[_family(key)][:2]:
                         best[_family(key)] = cand
             for f, (acc, w1, key, rule, v) in sorted(best.items(), key=lambda kv: -kv[1][0]):
                 lines.append(f"| {split} | {f} | {key.split('/', 1)[1]} / {rule} | {acc:.3f} | {w1:.3f} | "
-                             f"{v['mae']:.2f} | {v['agent_accuracy']:.3f} | {v['n']} |")
+                             f"{_num(v, 'mae'):.2f} | {_num(v, 'agent_accuracy'):.3f} | {v['n']} |")
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ def test_demo_writes_outputs_and_meets_targets(demo_run, capsys):
     res = json.loads((out / "results.json").read_text())
     png = (out / "demo.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
-    assert not [p for p in out.iterdir() if p.name.startswith(".tmp_")]  # atomic writes left no temp file
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes left no temp file (pa_jax.io)
     p1 = res["proposition1"]
     assert set(p1["aggregations"]) == {"sum", "mean", "min", "max"}
     assert p1["n_visited_pairs"] > 50
@@ -62,6 +62,20 @@ def test_summary_table_mentions_every_section(demo_run):
     text = demo.summary_table(json.loads((out / "results.json").read_text()))
     for s in ("Proposition 1", "UQ", "Best-of-8", "Failure attribution", "targets"):
         assert s in text
+
+
+def test_summary_table_reads_undefined_values_back_as_nan(demo_run, tmp_path):
+    """results.json is strict JSON: an undefined value (NaN) is written as null, and the table reads it back."""
+    from pa_jax.io import atomic_write_json
+
+    _, out = demo_run
+    res = json.loads((out / "results.json").read_text())
+    res["proposition1"]["aggregations"]["max"]["pearson"] = float("nan")
+    atomic_write_json(tmp_path / "r.json", res)
+    text = (tmp_path / "r.json").read_text()
+    assert '"pearson": null' in text and "NaN" not in text
+    row = next(line for line in demo.summary_table(json.loads(text)).splitlines() if line.strip().startswith("max"))
+    assert "nan" in row.split()
 
 
 def test_demo_bad_arguments(tmp_path):
