@@ -184,3 +184,60 @@ def test_token_outside_vocab_refused(pair, tok):
 def test_bad_scoring_options_refused(field, value):
     with pytest.raises(ValueError, match=f"ScoringOptions.{field} must be an integer"):
         ScoringOptions(**{field: value})
+
+
+def test_own_engine_gives_identical_statistics(pair, tok):
+    """An Engine of one's own, with no lookahead and a memo so small that programs are evicted and
+    rebuilt mid-run, computes the same bits as the default engine."""
+    from pa_jax.scoring import Engine
+
+    rendered = [render(t, tok) for t in _trajs(5, True)]
+    opts = ScoringOptions(top_k=5, max_batch_tokens=256, min_prefix=16, bucket_lengths=(256, 512), attention_chunk=128,
+                          head_positions=40)
+    a = score_rendered(rendered, pair["policy"], pair["reference320"], options=opts, pad_id=2)
+    with Engine(max_programs=2, lookahead=0) as engine:
+        b = score_rendered(rendered, pair["policy"], pair["reference320"], options=opts, pad_id=2, engine=engine)
+        assert len(engine._programs) <= 2
+    for x, y in zip(a.stats, b.stats):
+        for f in ("step_ids", "policy_logprob", "policy_entropy", "policy_topk", "reference_logprob", "kl"):
+            np.testing.assert_array_equal(getattr(x, f), getattr(y, f))
+
+
+def test_engine_memo_executors_and_allocator_option(monkeypatch):
+    from concurrent.futures import CancelledError
+
+    from pa_jax.scoring import Engine, SyncExecutor, programs
+
+    engine = Engine(max_programs=2)
+    made = []
+
+    def make(k):
+        made.append(k)
+        return k
+
+    for k in ("a", "b", "a", "c", "a", "b"):  # least recently used is dropped: b (after c), then c
+        assert engine.memo(k, lambda k=k: make(k)) == k
+    assert made == ["a", "b", "c", "b"] and list(engine._programs) == ["a", "b"]
+
+    ran = []
+    ex = SyncExecutor()
+    t1, t2, t3 = (ex.submit(lambda i=i: ran.append(i) or i) for i in range(3))
+    assert ran == []  # nothing runs before its result is asked for
+    assert t2.result() == 1 and t1.result() == 0 and t2.result() == 1 and ran == [1, 0]
+    assert t3.cancel() and not t1.cancel()  # a task that ran cannot be cancelled
+    with pytest.raises(CancelledError):
+        t3.result()
+    assert ran == [1, 0]  # a cancelled task never runs
+
+    with engine:
+        fut = engine.executor(True).submit(lambda: np.arange(3))
+        np.testing.assert_array_equal(fut.result(), np.arange(3))
+    assert engine._pool is None and not engine._programs  # closed: threads stopped, programs dropped
+
+    calls = []
+    monkeypatch.setattr(programs, "set_mmap_threshold", lambda n: calls.append(n) or True)
+    engine.apply_allocator(None)  # None: the allocator is left alone
+    engine.apply_allocator(1 << 20)
+    engine.apply_allocator(1 << 20)  # already applied by this engine
+    engine.apply_allocator(1 << 21)
+    assert calls == [1 << 20, 1 << 21] and engine.mmap_threshold == 1 << 21

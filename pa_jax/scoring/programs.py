@@ -26,7 +26,7 @@ import collections
 import ctypes
 import ctypes.util
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Any, Callable
 
 import jax
@@ -61,17 +61,24 @@ class _Deferred:
 
     def __init__(self, fn: Callable[[], Any]):
         self._fn: Callable[[], Any] | None = fn
+        self._ran = self._cancelled = False
         self._value: Any = None
 
     def result(self) -> Any:
-        if self._fn is not None:
+        if self._cancelled:
+            raise CancelledError()
+        if not self._ran:
             fn, self._fn = self._fn, None
             self._value = fn()
+            self._ran = True
         return self._value
 
     def cancel(self) -> bool:
-        """Drop a task not yet run (it never will be)."""
-        self._fn = None
+        """Drop a task not yet run (it never will be; ``result`` then raises ``CancelledError``, as a
+        cancelled future does). False if it has run already."""
+        if self._ran:
+            return False
+        self._fn, self._cancelled = None, True
         return True
 
 
