@@ -26,39 +26,16 @@ Packed rows (several sequences in one row) are refused for this family by the de
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
 from pa_jax.models import layers as L
+from pa_jax.models.config import DeltaNetDims  # noqa: F401  (the sizes are configuration data; re-exported)
 
 Array = jax.Array
 
 CHUNK_SIZE = 64
 L2NORM_EPS = 1e-6
-
-
-class DeltaNetDims(NamedTuple):
-    """Static sizes of one Gated DeltaNet layer (from the HF ``linear_*`` config fields)."""
-
-    num_k_heads: int
-    num_v_heads: int
-    head_k_dim: int
-    head_v_dim: int
-    conv_kernel: int
-
-    @property
-    def key_dim(self) -> int:
-        return self.num_k_heads * self.head_k_dim
-
-    @property
-    def value_dim(self) -> int:
-        return self.num_v_heads * self.head_v_dim
-
-    @property
-    def conv_dim(self) -> int:
-        return 2 * self.key_dim + self.value_dim
 
 
 def check_no_segments(segment_ids) -> None:
