@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from pa_jax.models import layers as L
 from pa_jax.models.config import DeltaNetDims  # noqa: F401  (the sizes are configuration data; re-exported)
@@ -296,20 +297,14 @@ def gated_deltanet(
 
 
 # ---------------------------------------------------------------------------------------------- NNX module
-def _nnx():
-    from flax import nnx  # local import: the pure functions above do not need flax
-
-    return nnx
-
-
-class _Weight(_nnx().Module):
+class _Weight(nnx.Module):
     """A bare parameter holder named ``weight`` (keeps HF key names: ``linear_attn.<name>.weight``)."""
 
     def __init__(self, value: Array):
-        self.weight = _nnx().Param(value)
+        self.weight = nnx.Param(value)
 
 
-class GatedDeltaNet(_nnx().Module):
+class GatedDeltaNet(nnx.Module):
     """Qwen 3.5's ``linear_attn`` block with parameters in Hugging Face names and layout.
 
     in_proj_qkv / in_proj_z / in_proj_b / in_proj_a / out_proj ``.weight`` [out, in];
@@ -318,7 +313,6 @@ class GatedDeltaNet(_nnx().Module):
     """
 
     def __init__(self, hidden_size: int, dims: DeltaNetDims, eps: float, *, dtype, rngs, std: float):
-        nnx = _nnx()
         d = hidden_size
 
         def normal(shape):

@@ -148,33 +148,23 @@ def _olmo_flags(hf: HF, layer_types: tuple[str, ...]) -> dict[str, Any]:
     return dict(qk_norm="proj", norm_placement="post", norm_weight_f32=True, rope_f32=True, mlp_bias=False)
 
 
+def _gemma_common(hf: HF) -> dict[str, Any]:
+    """Gemma 2 and 3: (1 + w) float32 sandwich norms, embeddings scaled by sqrt(D), attention scale
+    ``query_pre_attn_scalar ** -0.5``."""
+    return dict(norm_placement="sandwich", norm_offset=True, norm_weight_f32=True, embed_scale=True, mlp_bias=False,
+                query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)))
+
+
 def _gemma2_flags(hf: HF, layer_types: tuple[str, ...]) -> dict[str, Any]:
-    return dict(
-        norm_placement="sandwich",
-        norm_offset=True,
-        norm_weight_f32=True,
-        embed_scale=True,
-        mlp_bias=False,
-        query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
-        attn_logit_softcap=hf.get("attn_logit_softcapping", 50.0),
-        final_logit_softcap=hf.get("final_logit_softcapping", 30.0),
-    )
+    return dict(_gemma_common(hf), attn_logit_softcap=hf.get("attn_logit_softcapping", 50.0),
+                final_logit_softcap=hf.get("final_logit_softcapping", 30.0))
 
 
 def _gemma3_flags(hf: HF, layer_types: tuple[str, ...]) -> dict[str, Any]:
-    return dict(
-        qk_norm="head",
-        norm_placement="sandwich",
-        norm_offset=True,
-        norm_weight_f32=True,
-        embed_scale=True,
-        mlp_bias=False,
-        query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
-        # transformers 5.23's Gemma3Attention stores attn_logit_softcapping but never applies it (only
-        # gemma2 passes it to the attention kernel): follow the oracle.
-        attn_logit_softcap=None,
-        final_logit_softcap=hf.get("final_logit_softcapping"),
-    )
+    # transformers 5.23's Gemma3Attention stores attn_logit_softcapping but never applies it (only gemma2
+    # passes it to the attention kernel): follow the oracle.
+    return dict(_gemma_common(hf), qk_norm="head", attn_logit_softcap=None,
+                final_logit_softcap=hf.get("final_logit_softcapping"))
 
 
 def _gemma4_flags(hf: HF, layer_types: tuple[str, ...]) -> dict[str, Any]:
