@@ -17,6 +17,7 @@ empty-step question.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Mapping
@@ -279,7 +280,87 @@ def _topk_token(topk_logprobs, step_ids, k: int | None) -> Array:
 
 
 # ----------------------------------------------------------------------------------------------
-# everything at once
+# what each baseline takes, and everything at once
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """A baseline's signature: whose statistics it reads and which aggregations it takes.
+
+    * ``model``: ``"policy"`` or ``"reference"`` (whose :class:`~pa_jax.head.HeadStats` it reads);
+    * ``reads``: the HeadStats fields it reads (nothing else of the HeadStats is touched);
+    * ``token_agg`` / ``step_agg``: whether it takes a token / step aggregation. Both: one score per
+      (token_agg, step_agg) in ``TOKEN_AGGS x STEP_AGGS``; token only: its step aggregation is fixed
+      (the authors' DeepConf: ``last`` or ``bottom10``); neither: pooled over the scored tokens.
+    """
+
+    name: str
+    model: str
+    reads: tuple[str, ...]
+    token_agg: bool
+    step_agg: bool
+
+    def key(self, token_agg: str, step_agg: str) -> tuple[str, ...]:
+        """The aggregations of ``(token_agg, step_agg)`` this baseline takes: its key in
+        :func:`baseline_tables` (``(token_agg, step_agg)``, ``(token_agg,)`` or ``()``)."""
+        _check_aggs(token_agg, step_agg)
+        return (token_agg, step_agg)[: self.token_agg + self.step_agg]
+
+    def label(self, token_agg: str, step_agg: str) -> str:
+        """``name``, ``name/token_agg`` or ``name/token_agg/step_agg``: one label per distinct score."""
+        return "/".join((self.name, *self.key(token_agg, step_agg)))
+
+
+BASELINES: tuple[Baseline, ...] = (
+    Baseline("policy_logprob", "policy", ("target_logprob",), token_agg=True, step_agg=True),
+    Baseline("negative_entropy", "policy", ("entropy",), token_agg=True, step_agg=True),
+    Baseline("self_certainty", "policy", ("mean_logprob",), token_agg=False, step_agg=False),
+    Baseline("topk_mean_logprob", "policy", ("topk_logprobs",), token_agg=True, step_agg=True),
+    Baseline("authors_deepconf_tail", "policy", ("topk_logprobs",), token_agg=True, step_agg=False),
+    Baseline("authors_deepconf_bottom10", "policy", ("topk_logprobs",), token_agg=True, step_agg=False),
+    Baseline("reference_logprob", "reference", ("target_logprob",), token_agg=True, step_agg=True),
+    *(Baseline(f"deepconf_{v}", "policy", ("topk_logprobs",), token_agg=False, step_agg=False)
+      for v in sorted(DEEPCONF_VARIANTS)),  # sorted: the order of the jitted dict, as listed before
+)
+"""Every baseline of :func:`baseline_tables`, in the order their scores are listed."""
+
+_AUTHORS_DEEPCONF_STEP = {"authors_deepconf_tail": "last", "authors_deepconf_bottom10": "bottom10"}
+
+
+def baseline_tables(
+    policy: HeadStats,
+    step_ids,
+    num_steps,
+    *,
+    vocab_size: int,
+    reference: HeadStats | None = None,
+    window: int = DEEPCONF_WINDOW,
+    tail: int = DEEPCONF_TAIL,
+    max_steps: int | None = None,
+) -> dict[str, dict[tuple[str, ...], Array]]:
+    """Every baseline of :data:`BASELINES`, each computed once: ``{name: {key: [B]}}`` with ``key`` as
+    :meth:`Baseline.key` (all ``5 x 6`` aggregations, the 5 token aggregations, or ``()`` for a pooled
+    score). ``reference_logprob`` is present only when ``reference`` is given. Only the fields named in a
+    baseline's ``reads`` are touched, so the others may be None."""
+    kw = dict(max_steps=max_steps)
+    out: dict[str, dict[tuple[str, ...], Array]] = {
+        "policy_logprob": aggregate_all(policy.target_logprob, step_ids, num_steps, empty="zero",
+                                        name="policy_logprobs", **kw),
+        "negative_entropy": aggregate_all(_neg(policy.entropy, "entropy"), step_ids, num_steps, empty="skip",
+                                          name="entropy", **kw),
+        "self_certainty": {(): self_certainty_scores(policy.mean_logprob, vocab_size, step_ids, num_steps, **kw)},
+    }
+    topk = aggregate_all(_topk_token(policy.topk_logprobs, step_ids, None), step_ids, num_steps, empty="skip",
+                         name="topk_logprobs", **kw)
+    out["topk_mean_logprob"] = topk
+    for name, step_agg in _AUTHORS_DEEPCONF_STEP.items():
+        out[name] = {(t,): topk[(t, step_agg)] for t in TOKEN_AGGS}
+    if reference is not None:
+        out["reference_logprob"] = aggregate_all(reference.target_logprob, step_ids, num_steps, empty="zero",
+                                                 name="reference_logprobs", **kw)
+    for name, v in deepconf_scores(policy.topk_logprobs, step_ids, num_steps, window=window, tail=tail).items():
+        out[f"deepconf_{name}"] = {(): v}
+    return out
 
 
 def all_baseline_scores(
@@ -301,25 +382,10 @@ def all_baseline_scores(
     ``negative_entropy``, ``self_certainty`` (Kang et al., pooled), ``topk_mean_logprob`` (the
     authors' "self_certainty"), ``authors_deepconf_tail``, ``authors_deepconf_bottom10`` and
     ``deepconf_{mean,tail,bottom10,lowest_group}`` (Fu et al.). ``policy`` / ``reference`` are
-    :class:`~pa_jax.head.HeadStats` with leading shape ``step_ids.shape``.
+    :class:`~pa_jax.head.HeadStats` with leading shape ``step_ids.shape``. For several aggregation
+    choices call :func:`baseline_tables` once instead.
     """
-    kw = dict(max_steps=max_steps)
-    out = {
-        "policy_logprob": policy_logprob_scores(policy.target_logprob, step_ids, num_steps,
-                                                token_agg=token_agg, step_agg=step_agg, **kw),
-        "negative_entropy": negative_entropy_scores(policy.entropy, step_ids, num_steps,
-                                                    token_agg=token_agg, step_agg=step_agg, **kw),
-        "self_certainty": self_certainty_scores(policy.mean_logprob, vocab_size, step_ids, num_steps, **kw),
-        "topk_mean_logprob": topk_mean_logprob_scores(policy.topk_logprobs, step_ids, num_steps,
-                                                      token_agg=token_agg, step_agg=step_agg, **kw),
-        "authors_deepconf_tail": authors_deepconf_scores(policy.topk_logprobs, step_ids, num_steps,
-                                                         variant="tail", token_agg=token_agg, **kw),
-        "authors_deepconf_bottom10": authors_deepconf_scores(policy.topk_logprobs, step_ids, num_steps,
-                                                             variant="bottom10", token_agg=token_agg, **kw),
-    }
-    if reference is not None:
-        out["reference_logprob"] = reference_logprob_scores(reference.target_logprob, step_ids, num_steps,
-                                                            token_agg=token_agg, step_agg=step_agg, **kw)
-    for name, v in deepconf_scores(policy.topk_logprobs, step_ids, num_steps, window=window, tail=tail).items():
-        out[f"deepconf_{name}"] = v
-    return out
+    _check_aggs(token_agg, step_agg)
+    tables = baseline_tables(policy, step_ids, num_steps, vocab_size=vocab_size, reference=reference,
+                             window=window, tail=tail, max_steps=max_steps)
+    return {b.name: tables[b.name][b.key(token_agg, step_agg)] for b in BASELINES if b.name in tables}

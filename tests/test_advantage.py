@@ -1,6 +1,4 @@
-"""pa_jax.advantage against a per-trajectory NumPy loop written here (float64)."""
-
-import math
+"""pa_jax.advantage against a per-trajectory NumPy loop (float64; shared ones in tests/helpers.py)."""
 
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ from pa_jax.advantage import (
     step_values,
     trajectory_scores,
 )
+from helpers import np_step_agg, np_token_agg, np_value_scores
 
 B, T, S = 4, 48, 8  # one padded shape for every hypothesis example: compiled once per order
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -25,22 +24,6 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 # ----------------------------------------------------------------------------------------------
 # the oracle: a plain reading of the method, one trajectory at a time
-
-
-def np_token_agg(x: np.ndarray, how: str) -> float:
-    if x.size == 0:
-        return 0.0
-    return {"mean": x.mean, "sum": x.sum, "min": x.min, "max": x.max, "last": lambda: x[-1]}[how]()
-
-
-def np_step_agg(vals: list, how: str) -> float:
-    if not vals:
-        return 0.0
-    v = np.asarray(vals, np.float64)
-    if how == "bottom10":
-        k = max(1, math.ceil(len(vals) / 10))
-        return float(np.sort(v)[:k].mean())
-    return float({"mean": v.mean, "sum": v.sum, "min": v.min, "max": v.max, "last": lambda: v[-1]}[how]())
 
 
 def np_step_advantages(p, r, sid, n, token_agg, beta, order):
@@ -60,19 +43,6 @@ def np_scores(p, r, sid, ns, token_agg, step_agg, beta, order):
         [np_step_agg(np_step_advantages(p[b], r[b], sid[b], ns[b], token_agg, beta, order), step_agg)
          for b in range(len(ns))]
     )
-
-
-def np_value_scores(v, sid, ns, token_agg, step_agg, empty):
-    out = []
-    for b in range(len(ns)):
-        steps = []
-        for s in range(ns[b]):
-            idx = np.nonzero(sid[b] == s)[0]
-            if idx.size == 0 and empty == "skip":
-                continue
-            steps.append(np_token_agg(v[b, idx].astype(np.float64), token_agg))
-        out.append(np_step_agg(steps, step_agg))
-    return np.array(out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,4 @@
-"""pa_jax.baselines against NumPy loops over full-vocabulary distributions written here."""
-
-import math
+"""pa_jax.baselines against NumPy loops over full-vocabulary distributions (tests/helpers.py)."""
 
 import numpy as np
 import pytest
@@ -19,61 +17,11 @@ from pa_jax.baselines import (
     topk_mean_logprob_scores,
 )
 from pa_jax.head import head_statistics
+from helpers import np_deepconf, np_log_softmax, np_value_scores
 
 B, T, V, D, K, S = 3, 40, 64, 8, 5, 6
 WINDOW, TAIL = 4, 6
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-# ----------------------------------------------------------------------------------------------
-# oracle
-
-
-def np_log_softmax(hidden, unembedding):
-    logits = hidden.astype(np.float64) @ unembedding.astype(np.float64).T
-    logits -= logits.max(-1, keepdims=True)
-    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-
-
-def agg_tokens(x, how):
-    if len(x) == 0:
-        return 0.0
-    x = np.asarray(x, np.float64)
-    return float({"mean": x.mean, "sum": x.sum, "min": x.min, "max": x.max, "last": lambda: x[-1]}[how]())
-
-
-def agg_steps(vals, how):
-    if not vals:
-        return 0.0
-    v = np.asarray(vals, np.float64)
-    if how == "bottom10":
-        return float(np.sort(v)[: max(1, math.ceil(len(v) / 10))].mean())
-    return float({"mean": v.mean, "sum": v.sum, "min": v.min, "max": v.max, "last": lambda: v[-1]}[how]())
-
-
-def np_stepwise(tok, sid, ns, token_agg, step_agg, empty):
-    out = []
-    for b in range(len(ns)):
-        steps = []
-        for s in range(ns[b]):
-            idx = np.nonzero(sid[b] == s)[0]
-            if idx.size == 0 and empty == "skip":
-                continue
-            steps.append(agg_tokens(tok[b, idx], token_agg))
-        out.append(agg_steps(steps, step_agg))
-    return np.array(out)
-
-
-def np_deepconf(conf_row, window, tail):
-    c = list(conf_row)
-    n = len(c)
-    if n == 0:
-        return dict(mean=0.0, tail=0.0, bottom10=0.0, lowest_group=0.0)
-    w = min(window, n)
-    groups = [np.mean(c[i - w : i]) for i in range(w, n + 1)]
-    k = max(1, math.ceil(len(groups) / 10))
-    return dict(mean=np.mean(c), tail=np.mean(c[-min(tail, n) :]), bottom10=np.mean(sorted(groups)[:k]),
-                lowest_group=min(groups))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,14 +62,14 @@ def test_baselines_match_numpy(prob, aggs):
     for t, s in aggs:
         kw = dict(token_agg=t, step_agg=s, max_steps=S)
         np.testing.assert_allclose(policy_logprob_scores(stats.target_logprob, sid, ns, **kw),
-                                   np_stepwise(target_lp, sid, ns, t, s, "zero"), **TOL)
+                                   np_value_scores(target_lp, sid, ns, t, s, "zero"), **TOL)
         np.testing.assert_allclose(negative_entropy_scores(stats.entropy, sid, ns, **kw),
-                                   np_stepwise(-entropy, sid, ns, t, s, "skip"), **TOL)
+                                   np_value_scores(-entropy, sid, ns, t, s, "skip"), **TOL)
         np.testing.assert_allclose(topk_mean_logprob_scores(stats.topk_logprobs, sid, ns, **kw),
-                                   np_stepwise(topk_mean, sid, ns, t, s, "skip"), **TOL)
+                                   np_value_scores(topk_mean, sid, ns, t, s, "skip"), **TOL)
     np.testing.assert_allclose(
         self_certainty_scores(stats.mean_logprob, V, sid, ns, token_agg="max", step_agg="min", max_steps=S),
-        np_stepwise(kl_uniform, sid, ns, "max", "min", "skip"), **TOL)
+        np_value_scores(kl_uniform, sid, ns, "max", "min", "skip"), **TOL)
 
     # token-level baselines, pooled over the scored tokens
     sc = self_certainty_scores(stats.mean_logprob, V, sid, ns)
@@ -135,9 +83,9 @@ def test_baselines_match_numpy(prob, aggs):
 
     # the authors' DeepConf = top-k mean with step_agg last / bottom10
     np.testing.assert_allclose(authors_deepconf_scores(stats.topk_logprobs, sid, ns, variant="tail", max_steps=S),
-                               np_stepwise(topk_mean, sid, ns, "mean", "last", "skip"), **TOL)
+                               np_value_scores(topk_mean, sid, ns, "mean", "last", "skip"), **TOL)
     np.testing.assert_allclose(authors_deepconf_scores(stats.topk_logprobs, sid, ns, variant="b10", max_steps=S),
-                               np_stepwise(topk_mean, sid, ns, "mean", "bottom10", "skip"), **TOL)
+                               np_value_scores(topk_mean, sid, ns, "mean", "bottom10", "skip"), **TOL)
 
 
 def test_all_baselines_and_edge_cases():

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from pa_jax.cli import main
-from test_render import tiny_tokenizer
-from test_scoring import CORPUS, save_tiny_llama
+from helpers import CORPUS, save_tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

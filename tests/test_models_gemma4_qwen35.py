@@ -25,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import pa_jax.models as M  # noqa: E402
 from pa_jax.models import memory  # noqa: E402
+from helpers import hf_logits  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "configs"
@@ -153,13 +154,6 @@ def padded_batch(seed: int = 0):
     ids[mask == 0] = 0
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     return ids, mask, positions
-
-
-def hf_logits(model, ids, mask, positions) -> np.ndarray:
-    with torch.no_grad():
-        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                    position_ids=torch.from_numpy(positions), use_cache=False)
-    return out.logits.float().numpy()
 
 
 def jax_logits(config, model, ids, mask) -> np.ndarray:

@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 import pa_jax.models as M  # noqa: E402
 from pa_jax.head import head_statistics  # noqa: E402
 from pa_jax.models import gguf as G  # noqa: E402
+from helpers import tiny_hf_llama  # noqa: E402
 
 SENTENCE = (
     "The old fisherman pulled his boat onto the beach at sunset, tired but happy with the day's catch."
@@ -60,18 +61,12 @@ def gguf_name(hf: str) -> str:
 
 
 def tiny_llama(tie: bool, seed: int = 0):
-    cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
-        tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    # non-trivial norms so a swapped norm would show
+    return tiny_hf_llama(
+        seed=seed, perturb_norms=True, vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+        rope_theta=10000.0, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # non-trivial norms so a swapped norm would show
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-    return model
 
 
 def write_llama_gguf(model, path: pathlib.Path, quantize: tuple[str, ...] = (), extra: dict | None = None) -> None:

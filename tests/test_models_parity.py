@@ -23,6 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from pa_jax import models  # noqa: E402
+from helpers import hf_logits  # noqa: E402
 
 GROUND_TRUTH = "transformers 5.23.0"
 TOL_F32 = 1e-4
@@ -112,19 +113,6 @@ def padded_batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     mask[2, :5] = 0  # left padding
     ids = np.where(mask == 1, ids, 0)
     return ids, mask
-
-
-def positions_of(mask: np.ndarray) -> np.ndarray:
-    return np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-
-
-def hf_logits(model, ids, mask) -> np.ndarray:
-    with torch.no_grad():
-        out = model(
-            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-            position_ids=torch.tensor(positions_of(mask)),
-        )
-    return out.logits.float().numpy()
 
 
 def pa_logits(config, model, ids, mask, **kw) -> np.ndarray:

@@ -26,6 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 import pa_jax.models as M  # noqa: E402
 from pa_jax.models import sharding as S  # noqa: E402
+from helpers import tiny_hf_llama  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -101,12 +102,10 @@ WORKER = textwrap.dedent(
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> pathlib.Path:
     """A tiny random transformers Llama (untied, GQA) saved with save_pretrained (safetensors)."""
-    cfg = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    model = tiny_hf_llama(
+        seed=0, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
     path = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(path)
     return path

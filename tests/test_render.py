@@ -4,24 +4,7 @@ import numpy as np
 import pytest
 
 from pa_jax.data import Message, ToolCall, Trajectory, load, render
-
-CHAT_TEMPLATE = "{% for m in messages %}<bos>{{ m['role'] }}\n{{ m['content'] }}<eos>\n{% endfor %}"
-
-
-def tiny_tokenizer(corpus=("hello world [assistant]: tool_call(f, {'x': 1}) [user]: done",), vocab_size=320):
-    """A small byte-level BPE tokenizer wrapped as a transformers fast tokenizer with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<bos>", "<eos>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(list(corpus) * 5, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+from helpers import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,22 +6,7 @@ import torch
 from pa_jax.data import Message, ToolCall, Trajectory, render
 from pa_jax.data.tokenizers import check_tokenizers
 from pa_jax.scoring import ScoringOptions, score_rendered
-from test_render import tiny_tokenizer
-
-CORPUS = ("[system]: You are an airline agent. Follow the policy. [user]: book a flight please "
-          "[assistant]: tool_call(search, {'from': 'NYC'}) [tool]: no flights found, sorry",)
-
-
-def save_tiny_llama(path, vocab_size, seed):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
-    model.save_pretrained(path)
-    return model
+from helpers import CORPUS, save_tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pa_jax import advantage, baselines
+from pa_jax.advantage import STEP_AGGS, TOKEN_AGGS  # noqa: F401  (re-exported: the commands' choices)
 from pa_jax.data import RENDERINGS, Dataset, Rendered, Trajectory, load, render
+from pa_jax.head import HeadStats
 
-TOKEN_AGGS = ("mean", "sum", "last", "min", "max")
-STEP_AGGS = ("mean", "sum", "last", "min", "max", "bottom10")
 PA = "progress_advantage"
 
 
@@ -234,38 +235,33 @@ def trajectory_method_scores(sc: Scored, token_aggs: Sequence[str], step_aggs: S
     reference is given) and every baseline of pa_jax.baselines; token-pooled baselines (Self-Certainty,
     DeepConf) have one entry ``"method"``; two length controls ``length_control/steps`` and
     ``length_control/tokens`` (negative number of steps / tokens)."""
-    from pa_jax import advantage, baselines
-    from pa_jax.head import HeadStats
     from pa_jax.scoring import dense
 
     st, sid, ns = _dense(sc)
     smax = max(1, int(ns.max()))
     pol = dense(st, "policy_logprob")
     out: dict[str, np.ndarray] = {}
-
-    def hs(prefix: str) -> HeadStats:
-        z = np.zeros_like(pol)
-        return HeadStats(dense(st, f"{prefix}_logprob"), z, dense(st, f"{prefix}_entropy"), dense(st, "policy_topk"),
-                         None, dense(st, "policy_mean_logprob") if prefix == "policy" else z)
-
-    phs = hs("policy")
-    rhs = hs("reference") if sc.has_reference else None
+    # Only what the baselines read (pa_jax.baselines.BASELINES[*].reads); the cache holds no logsumexp /
+    # top-k ids, and no top-k or vocabulary mean for the reference.
+    phs = HeadStats(target_logprob=pol, logsumexp=None, entropy=dense(st, "policy_entropy"),
+                    topk_logprobs=dense(st, "policy_topk"), topk_ids=None,
+                    mean_logprob=dense(st, "policy_mean_logprob"))
+    rhs = None
     if sc.has_reference:
+        rhs = HeadStats(target_logprob=dense(st, "reference_logprob"), logsumexp=None,
+                        entropy=None, topk_logprobs=None, topk_ids=None, mean_logprob=None)
         table = advantage.all_trajectory_scores(pol, rhs.target_logprob, sid, ns, beta=beta, max_steps=smax)
         for ta in token_aggs:
             for sa in step_aggs:
                 out[f"{PA}/{ta}/{sa}"] = np.asarray(table[(ta, sa)])
+    # Each baseline computed once; one entry per distinct score, i.e. per aggregation it takes
+    # ("method/token_agg/step_agg", "method/token_agg" or "method").
+    tables = baselines.baseline_tables(phs, sid, ns, vocab_size=sc.vocab_size, reference=rhs, max_steps=smax)
+    present = [b for b in baselines.BASELINES if b.name in tables]
     for ta in token_aggs:
         for sa in step_aggs:
-            b = baselines.all_baseline_scores(phs, sid, ns, vocab_size=sc.vocab_size, reference=rhs,
-                                              token_agg=ta, step_agg=sa, max_steps=smax)
-            for name, v in b.items():
-                if name.startswith("self_certainty") or name.startswith("deepconf_"):
-                    out.setdefault(name, np.asarray(v))
-                elif name.startswith("authors_deepconf"):
-                    out.setdefault(f"{name}/{ta}", np.asarray(v))
-                else:
-                    out[f"{name}/{ta}/{sa}"] = np.asarray(v)
+            for b in present:
+                out.setdefault(b.label(ta, sa), np.asarray(tables[b.name][b.key(ta, sa)]))
     # Length controls, no model involved: fewer steps / tokens = more confident. On tau-bench airline
     # successful trajectories are shorter, so a sum-aggregated score can rank by length alone; a
     # score that does not beat these carries nothing beyond length. Tokens before truncation.
@@ -278,8 +274,6 @@ def step_method_scores(sc: Scored, token_agg: str, beta: float) -> dict[str, lis
     """Per-step scores ``{method: [S_b] per trajectory}``: progress advantage (with a reference),
     policy log-prob and the authors' top-k mean log-prob (their FA "self_certainty"), all with
     ``token_agg`` over each step's tokens; empty steps score 0.0 (the authors' FA rule)."""
-    from pa_jax import advantage
-    from pa_jax.baselines import topk_mean_logprob_token
     from pa_jax.scoring import dense
 
     st, sid, ns = _dense(sc)
@@ -292,7 +286,7 @@ def step_method_scores(sc: Scored, token_agg: str, beta: float) -> dict[str, lis
         per[PA] = np.asarray(a)
     v, _ = advantage.step_values(pol, sid, ns, token_agg=token_agg, empty="zero", max_steps=smax)
     per["policy_logprob"] = beta * np.asarray(v)
-    tk = np.asarray(topk_mean_logprob_token(dense(st, "policy_topk")))
+    tk = np.asarray(baselines.topk_mean_logprob_token(dense(st, "policy_topk")))
     v, _ = advantage.step_values(tk, sid, ns, token_agg=token_agg, empty="zero", max_steps=smax)
     per["topk_mean_logprob"] = np.asarray(v)
     return {k: [m[b, : ns[b]] for b in range(len(ns))] for k, m in per.items()}

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pa_jax.head import head_statistics
 from pa_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeConfig
 from pa_jax.models.decoder import Decoder, KVCache, concat_kv
 from pa_jax.models.load import load, load_from_tensors, open_safetensors_dir, save_pretrained
@@ -55,8 +56,6 @@ def forward(model: Decoder, input_ids: jax.Array, attention_mask: jax.Array) -> 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))  # graphdef, softcap
 def _token_logprobs_pure(graphdef, state, input_ids, attention_mask, softcap, kv_prefix=None):
-    from pa_jax.head import head_statistics
-
     model = nnx.merge(graphdef, state)
     hidden = model(input_ids, attention_mask) if kv_prefix is None else model(
         input_ids, attention_mask, kv_prefix=kv_prefix

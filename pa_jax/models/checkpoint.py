@@ -25,6 +25,7 @@ from flax import nnx
 from pa_jax.io import atomic_write_text
 from pa_jax.models.config import ModelConfig
 from pa_jax.models.decoder import Decoder
+from pa_jax.models.sharding import as_sharding_config
 
 __all__ = ["save_params", "restore_params"]
 
@@ -73,8 +74,6 @@ def restore_params(path: str | os.PathLike, *, dtype: Any = None, mesh: Any = No
     abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), dtype=dt))
     graphdef, state = nnx.split(abstract)
     if mesh is not None:
-        from pa_jax.models.sharding import as_sharding_config
-
         shard = as_sharding_config(mesh).param_sharding
     else:
         single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -9,6 +9,10 @@ Both config.json layouts are accepted: the transformers >= 5 layout (``rope_para
 layer type) and the older one (``rope_theta`` + ``rope_scaling``, ``rope_local_base_freq``,
 ``sliding_window_pattern``, ``use_sliding_window`` / ``max_window_layers``), normalized exactly as
 transformers 5.23's config classes normalize them.
+
+What each family means by its config.json (default layer types, window, rope, activation, flags) is one
+record per ``model_type`` in :mod:`pa_jax.models.families`; this module is the family-independent parsing
+and the dataclass. Both are configuration data: they import no decoder, layer or JAX code.
 """
 
 from __future__ import annotations
@@ -16,20 +20,36 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
-    "llama", "qwen2", "qwen3", "olmo2", "olmo3", "gemma2", "gemma3_text", "gemma4_text", "qwen3_5_text"
-)
-"""Model types this module understands (issue 7 appends more)."""
+from pa_jax.models.families import FAMILIES, WRAPPER_MODEL_TYPES, Family, kv_sharing_sources
 
-# Multimodal wrappers whose text tower we load (config.json nests it under ``text_config``).
-WRAPPER_MODEL_TYPES: dict[str, str] = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "qwen3_5": "qwen3_5_text"}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
+"""Model types this module understands: the keys of :data:`pa_jax.models.families.FAMILIES`."""
 
 ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn", "proportional")
 
-# transformers' ``default_theta`` per family (used when config.json names no rope_theta).
-_DEFAULT_THETA: dict[str, float] = {"olmo3": 500_000.0}
+
+class DeltaNetDims(NamedTuple):
+    """Static sizes of one Gated DeltaNet layer (from the HF ``linear_*`` config fields; qwen3_5)."""
+
+    num_k_heads: int
+    num_v_heads: int
+    head_k_dim: int
+    head_v_dim: int
+    conv_kernel: int
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_k_heads * self.head_k_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_v_heads * self.head_v_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.key_dim + self.value_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,15 +165,11 @@ class ModelConfig:
     @property
     def kv_sources(self) -> tuple[int | None, ...]:
         """Per layer: index of the earlier layer whose K/V it reuses (gemma4 KV sharing), else None."""
-        from pa_jax.models.gemma4 import kv_sharing_sources
-
         return kv_sharing_sources(self.layer_types, self.num_kv_shared_layers)
 
     @property
-    def deltanet_dims(self):
-        """:class:`pa_jax.models.deltanet.DeltaNetDims` of the linear-attention layers (qwen3_5)."""
-        from pa_jax.models.deltanet import DeltaNetDims
-
+    def deltanet_dims(self) -> DeltaNetDims:
+        """:class:`DeltaNetDims` of the linear-attention layers (qwen3_5)."""
         return DeltaNetDims(self.linear_num_key_heads, self.linear_num_value_heads, self.linear_key_head_dim,
                             self.linear_value_head_dim, self.linear_conv_kernel_dim)
 
@@ -249,39 +265,19 @@ def _rope_from_dict(d: dict[str, Any], *, theta: float, max_pos: int, where: str
 
 
 def _layer_types(hf: dict[str, Any], mt: str, n: int) -> tuple[tuple[str, ...], int | None]:
-    """transformers' per-family default ``layer_types`` and the effective sliding window."""
-    window = hf.get("sliding_window")
-    if mt in ("qwen2", "qwen3"):
-        window = window if hf.get("use_sliding_window", False) else None
-    if mt in ("llama", "olmo2"):
-        window = None
+    """The per-layer attention kinds (config.json's, else the family's default) and the effective window."""
+    family = FAMILIES[mt]
+    window = family.window(hf)
     lt = hf.get("layer_types")
     if lt is None:
-        if mt == "olmo3":
-            lt = ["sliding_attention" if (i + 1) % 4 != 0 else "full_attention" for i in range(n)]
-        elif mt == "gemma2":
-            lt = ["sliding_attention" if bool((i + 1) % 2) else "full_attention" for i in range(n)]
-        elif mt == "gemma3_text":
-            pattern = hf.get("sliding_window_pattern", 6)
-            lt = ["sliding_attention" if bool((i + 1) % pattern) else "full_attention" for i in range(n)]
-        elif mt in ("qwen2", "qwen3"):
-            mwl = hf.get("max_window_layers", 28)
-            lt = ["sliding_attention" if window is not None and i >= mwl else "full_attention" for i in range(n)]
-        elif mt == "gemma4_text":
-            lt = ["sliding_attention" if bool((i + 1) % 6) else "full_attention" for i in range(n)]
-        elif mt == "qwen3_5_text":
-            interval = hf.get("full_attention_interval", 4)
-            lt = ["linear_attention" if bool((i + 1) % interval) else "full_attention" for i in range(n)]
-        else:
-            lt = ["full_attention"] * n
-    if mt == "gemma4_text" and lt:
+        lt = family.layer_types(hf, n, window)
+    if family.last_layer_full and lt:
         lt = list(lt[:-1]) + ["full_attention"]  # transformers forces the last Gemma-4 layer to full attention
     lt = tuple(lt)
     if len(lt) != n:
         raise ValueError(f"config.json: layer_types has {len(lt)} entries, num_hidden_layers={n}")
-    allowed = ("full_attention", "linear_attention") if mt == "qwen3_5_text" else ("full_attention", "sliding_attention")
     for t in lt:
-        if t not in allowed:
+        if t not in family.allowed_layer_types:
             raise ValueError(f"config.json: layer_types entry {t!r} is not supported for model_type={mt!r}")
     if "sliding_attention" in lt:
         if window is None or int(window) <= 0:
@@ -290,61 +286,25 @@ def _layer_types(hf: dict[str, Any], mt: str, n: int) -> tuple[tuple[str, ...], 
     return lt, window
 
 
-def _rope_table(hf: dict[str, Any], mt: str, layer_types: tuple[str, ...]) -> tuple[tuple[str, RopeConfig], ...]:
+def _rope_table(hf: dict[str, Any], family: Family, layer_types: tuple[str, ...]) -> tuple[tuple[str, RopeConfig], ...]:
     """Normalize rope_parameters / rope_theta / rope_scaling into one RopeConfig per layer type."""
     max_pos = int(hf.get("max_position_embeddings", 2048) or 2048)
-    types = sorted(set(layer_types))
-    rp = hf.get("rope_parameters")
-    scaling = hf.get("rope_scaling")
-    top_theta = hf.get("rope_theta")
+    per_type = family.rope(hf, layer_types)
     partial = hf.get("partial_rotary_factor")
-    per_type: dict[str, dict[str, Any]] = {}
-    if mt in ("olmo3", "gemma3_text"):
-        # Per-layer-type rope: rope_scaling (old layout) goes to full-attention layers only.
-        default_local = 10_000.0 if mt == "gemma3_text" else _DEFAULT_THETA["olmo3"]
-        default_global = 1_000_000.0 if mt == "gemma3_text" else _DEFAULT_THETA["olmo3"]
-        nested = isinstance(rp, dict) and any(k in ("full_attention", "sliding_attention") for k in rp)
-        if nested:
-            per_type = {k: dict(v) for k, v in rp.items() if k in ("full_attention", "sliding_attention") and v}
-        elif isinstance(rp, dict) and rp:
-            per_type = {"full_attention": dict(rp)}
-        if scaling:
-            per_type.setdefault("full_attention", {}).update(scaling)
-        per_type.setdefault("full_attention", {"rope_type": "default"})
-        per_type.setdefault("sliding_attention", {"rope_type": "default"})
-        per_type["full_attention"].setdefault("rope_theta", top_theta if top_theta is not None else default_global)
-        # olmo3: transformers 5.23 pops a top-level rope_theta for the full-attention layers, so the sliding
-        # layers of an old-layout config.json get default_theta (500k); we reproduce that.
-        local_theta = hf.get("rope_local_base_freq") if mt == "gemma3_text" else None
-        per_type["sliding_attention"].setdefault("rope_theta", local_theta if local_theta is not None else default_local)
-        for d in per_type.values():  # yarn reads `truncate` from the top-level (here nested) dict: always True
-            d.pop("truncate", None)
-    else:
-        flat = dict(scaling or rp or {})
-        nested_keys = [k for k in flat if k in ("full_attention", "sliding_attention")]
-        theta = top_theta if top_theta is not None else _DEFAULT_THETA.get(mt, 10_000.0)
-        if nested_keys:
-            per_type = {k: dict(flat[k]) for k in nested_keys}
-        else:
-            per_type = {t: dict(flat) for t in types}
-        for d in per_type.values():
-            d.setdefault("rope_theta", theta)
-    if mt == "gemma4_text" and not rp:  # Gemma4TextConfig's default rope_parameters
-        per_type = {
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
-        }
-    if mt == "qwen3_5_text" and partial is None:
-        partial = 0.25  # Qwen3_5TextConfig's default partial_rotary_factor
+    if partial is None:
+        partial = family.default_partial_rotary
     if partial is not None:
         for d in per_type.values():
             d.setdefault("partial_rotary_factor", partial)
     out = []
-    for t in types:
+    for t in sorted(set(layer_types)):
         if t not in per_type:
             raise ValueError(f"config.json: rope_parameters has no entry for layer type {t!r}")
         out.append((t, _rope_from_dict(per_type[t], theta=10_000.0, max_pos=max_pos, where=f"rope_parameters[{t}]")))
     return tuple(out)
+
+
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
 def _from_hf_dict(hf: dict[str, Any]) -> ModelConfig:
@@ -375,58 +335,21 @@ def _from_hf_dict(hf: dict[str, Any]) -> ModelConfig:
     if heads % kv:
         raise ValueError(f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
     head_dim = hf.get("head_dim") or hidden // heads
+    family = FAMILIES[mt]
     layer_types, window = _layer_types(hf, mt, n_layers)
-    rope = _rope_table(hf, mt, layer_types)
-    act = hf.get("hidden_activation") if mt in ("gemma2", "gemma3_text", "gemma4_text") else hf.get("hidden_act", "silu")
-    act = act or ("gelu_pytorch_tanh" if mt in ("gemma2", "gemma3_text", "gemma4_text") else "silu")
-    act_map = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
-    if act not in act_map:
-        raise ValueError(f"config.json: activation {act!r} is not supported (supported: {sorted(act_map)})")
+    rope = _rope_table(hf, family, layer_types)
+    act = hf.get(family.activation_field) or family.default_activation
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"config.json: activation {act!r} is not supported (supported: {sorted(_ACTIVATIONS)})")
     attention_bias = bool(hf.get("attention_bias", False))
     flags: dict[str, Any] = dict(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=bool(hf.get("mlp_bias", False)))
-    if mt == "qwen2":
-        flags.update(qkv_bias=True, o_bias=False, mlp_bias=False)
-    elif mt == "qwen3":
-        flags.update(qk_norm="head", mlp_bias=False)
-    elif mt in ("olmo2", "olmo3"):
-        flags.update(qk_norm="proj", norm_placement="post", norm_weight_f32=True, rope_f32=True, mlp_bias=False)
-    elif mt == "gemma3_text":
-        flags.update(
-            qk_norm="head",
-            norm_placement="sandwich",
-            norm_offset=True,
-            norm_weight_f32=True,
-            embed_scale=True,
-            mlp_bias=False,
-            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
-            # transformers 5.23's Gemma3Attention stores attn_logit_softcapping but never applies it (only
-            # gemma2 passes it to the attention kernel): follow the oracle.
-            attn_logit_softcap=None,
-            final_logit_softcap=hf.get("final_logit_softcapping"),
-        )
-    elif mt == "gemma2":
-        flags.update(
-            norm_placement="sandwich",
-            norm_offset=True,
-            norm_weight_f32=True,
-            embed_scale=True,
-            mlp_bias=False,
-            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
-            attn_logit_softcap=hf.get("attn_logit_softcapping", 50.0),
-            final_logit_softcap=hf.get("final_logit_softcapping", 30.0),
-        )
-    elif mt == "gemma4_text":
-        flags.update(_gemma4_flags(hf, layer_types))
-    elif mt == "qwen3_5_text":
-        flags.update(_qwen3_5_flags(hf))
-    tie_default = mt in ("gemma2", "gemma3_text", "gemma4_text")
-    tie = source.get("tie_word_embeddings", hf.get("tie_word_embeddings", tie_default))
+    flags.update(family.flags(hf, layer_types))
+    tie = source.get("tie_word_embeddings", hf.get("tie_word_embeddings", family.tie_word_embeddings))
     if tie is None:
-        tie = tie_default
+        tie = family.tie_word_embeddings
     for cap in ("attn_logit_softcap", "final_logit_softcap"):
         if flags.get(cap) is not None:
             flags[cap] = float(flags[cap])
-    eps_default = 1e-6 if mt in ("gemma2", "gemma3_text", "llama", "qwen2", "qwen3", "gemma4_text", "qwen3_5_text") else 1e-5
     cfg = ModelConfig(
         model_type=mt,
         vocab_size=_req(hf, "vocab_size"),
@@ -436,13 +359,13 @@ def _from_hf_dict(hf: dict[str, Any]) -> ModelConfig:
         num_heads=heads,
         num_kv_heads=int(kv),
         head_dim=int(head_dim),
-        rms_norm_eps=float(hf.get("rms_norm_eps", eps_default)),
+        rms_norm_eps=float(hf.get("rms_norm_eps", family.rms_norm_eps)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048) or 2048),
         layer_types=layer_types,
         rope=rope,
         sliding_window=window,
         tie_word_embeddings=bool(tie),
-        activation=act_map[act],
+        activation=_ACTIVATIONS[act],
         pad_token_id=hf.get("pad_token_id"),
         hf_config_json=json.dumps(source, sort_keys=True),
         **flags,
@@ -452,73 +375,6 @@ def _from_hf_dict(hf: dict[str, Any]) -> ModelConfig:
         if rot % 2 or rot <= 0 or not math.isfinite(r.theta):
             raise ValueError(f"config.json: rotary dimension {rot} (head_dim * partial_rotary_factor) must be even")
     return cfg
-
-
-def _gemma4_flags(hf: dict[str, Any], layer_types: tuple[str, ...]) -> dict[str, Any]:
-    """Gemma 4 text tower (transformers 5.23 ``Gemma4TextConfig``): plain-w float32 RMSNorms, sandwich
-    norms, q/k norm + weightless v norm, attention scale 1, embeddings scaled by sqrt(D), per-layer
-    embeddings, KV sharing, proportional RoPE on full layers (head_dim ``global_head_dim``)."""
-    if hf.get("enable_moe_block"):
-        raise ValueError("config.json: gemma4 enable_moe_block=true (the MoE Gemma 4) is not supported")
-    if hf.get("use_bidirectional_attention") == "all":
-        raise ValueError("config.json: gemma4 use_bidirectional_attention='all' is not a causal LM; not supported")
-    global_hd = hf.get("global_head_dim")
-    global_kv = hf.get("num_global_key_value_heads")
-    # transformers >= 5.23 writes these as per_layer_config overrides of the full-attention layers.
-    for idx, override in (hf.get("per_layer_config") or {}).items():
-        i = int(idx)
-        if not 0 <= i < len(layer_types) or layer_types[i] != "full_attention":
-            raise ValueError(f"config.json: per_layer_config[{idx!r}] overrides a non-full-attention layer")
-        for k, v in override.items():
-            if k == "head_dim":
-                if global_hd not in (None, v) and "global_head_dim" in hf:
-                    raise ValueError(f"config.json: per_layer_config[{idx!r}].head_dim={v} != global_head_dim")
-                global_hd = v
-            elif k == "num_key_value_heads":
-                global_kv = v
-            else:
-                raise ValueError(f"config.json: per_layer_config[{idx!r}].{k} is not supported for gemma4")
-    if global_hd is None:
-        global_hd = 512  # Gemma4TextConfig's default global_head_dim
-    k_eq_v = bool(hf.get("attention_k_eq_v", False))
-    return dict(
-        qk_norm="head",
-        norm_placement="sandwich",
-        norm_offset=False,
-        norm_weight_f32=True,
-        embed_scale=True,
-        mlp_bias=False,
-        query_pre_attn_scalar=1.0,  # Gemma4TextAttention.scaling = 1.0 (q and k are RMS-normed)
-        final_logit_softcap=hf.get("final_logit_softcapping"),
-        global_head_dim=int(global_hd),
-        global_num_kv_heads=None if (global_kv is None or not k_eq_v) else int(global_kv),
-        attention_k_eq_v=k_eq_v,
-        v_norm=True,
-        num_kv_shared_layers=int(hf.get("num_kv_shared_layers", 0) or 0),
-        per_layer_input_dim=int(hf.get("hidden_size_per_layer_input", 256) or 0),
-        vocab_size_per_layer_input=int(hf.get("vocab_size_per_layer_input", hf.get("vocab_size"))),
-        layer_scalar=True,
-        double_wide_mlp=bool(hf.get("use_double_wide_mlp", False)),
-    )
-
-
-def _qwen3_5_flags(hf: dict[str, Any]) -> dict[str, Any]:
-    """Qwen 3.5 text tower (``Qwen3_5TextConfig``): (1 + w) RMSNorms, per-head q/k norm, gated attention,
-    Gated DeltaNet linear-attention layers."""
-    if not hf.get("attn_output_gate", True):
-        raise ValueError("config.json: qwen3_5 with attn_output_gate=false is not supported")
-    sizes = {}
-    defaults = dict(linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
-                    linear_value_head_dim=128, linear_conv_kernel_dim=4)
-    for k, d in defaults.items():
-        v = hf.get(k, d)
-        if not isinstance(v, int) or v <= 0:
-            raise ValueError(f"config.json: field {k!r} must be a positive integer, got {v!r}")
-        sizes[k] = v
-    if sizes["linear_num_value_heads"] % sizes["linear_num_key_heads"]:
-        raise ValueError("config.json: linear_num_value_heads must be a multiple of linear_num_key_heads")
-    return dict(qk_norm="head", norm_placement="pre", norm_offset=True, mlp_bias=False, attn_output_gate=True,
-                **sizes)
 
 
 def key_prefix(config: ModelConfig) -> str:

@@ -26,39 +26,17 @@ Packed rows (several sequences in one row) are refused for this family by the de
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from pa_jax.models import layers as L
+from pa_jax.models.config import DeltaNetDims  # noqa: F401  (the sizes are configuration data; re-exported)
 
 Array = jax.Array
 
 CHUNK_SIZE = 64
 L2NORM_EPS = 1e-6
-
-
-class DeltaNetDims(NamedTuple):
-    """Static sizes of one Gated DeltaNet layer (from the HF ``linear_*`` config fields)."""
-
-    num_k_heads: int
-    num_v_heads: int
-    head_k_dim: int
-    head_v_dim: int
-    conv_kernel: int
-
-    @property
-    def key_dim(self) -> int:
-        return self.num_k_heads * self.head_k_dim
-
-    @property
-    def value_dim(self) -> int:
-        return self.num_v_heads * self.head_v_dim
-
-    @property
-    def conv_dim(self) -> int:
-        return 2 * self.key_dim + self.value_dim
 
 
 def check_no_segments(segment_ids) -> None:
@@ -319,20 +297,14 @@ def gated_deltanet(
 
 
 # ---------------------------------------------------------------------------------------------- NNX module
-def _nnx():
-    from flax import nnx  # local import: the pure functions above do not need flax
-
-    return nnx
-
-
-class _Weight(_nnx().Module):
+class _Weight(nnx.Module):
     """A bare parameter holder named ``weight`` (keeps HF key names: ``linear_attn.<name>.weight``)."""
 
     def __init__(self, value: Array):
-        self.weight = _nnx().Param(value)
+        self.weight = nnx.Param(value)
 
 
-class GatedDeltaNet(_nnx().Module):
+class GatedDeltaNet(nnx.Module):
     """Qwen 3.5's ``linear_attn`` block with parameters in Hugging Face names and layout.
 
     in_proj_qkv / in_proj_z / in_proj_b / in_proj_a / out_proj ``.weight`` [out, in];
@@ -341,7 +313,6 @@ class GatedDeltaNet(_nnx().Module):
     """
 
     def __init__(self, hidden_size: int, dims: DeltaNetDims, eps: float, *, dtype, rngs, std: float):
-        nnx = _nnx()
         d = hidden_size
 
         def normal(shape):

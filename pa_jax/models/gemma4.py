@@ -24,50 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from pa_jax.models import layers as L
+from pa_jax.models.families import kv_sharing_sources  # noqa: F401  (re-export: gemma4's KV sharing)
+from pa_jax.models.layers import proportional_inv_freq  # noqa: F401  (re-export: gemma4's RoPE variant)
 
 Array = jax.Array
-
-
-def proportional_inv_freq(theta: float, head_dim: int, partial_rotary_factor: float,
-                          factor: float = 1.0) -> np.ndarray:
-    """transformers' ``_compute_proportional_rope_parameters``: [head_dim // 2] float32 inverse frequencies.
-
-    inv_i = theta^(-2i / head_dim) / factor for i < int(p * head_dim // 2), and 0 for the remaining pairs.
-    """
-    rope_angles = int(partial_rotary_factor * head_dim // 2)
-    exps = np.arange(0, 2 * rope_angles, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    inv = (np.float32(1.0) / (np.float32(theta) ** exps)).astype(np.float32)
-    nope = head_dim // 2 - rope_angles
-    if nope > 0:
-        inv = np.concatenate([inv, np.zeros(nope, np.float32)])
-    return (inv / np.float32(factor)).astype(np.float32)
-
-
-def kv_sharing_sources(layer_types: tuple[str, ...], num_kv_shared_layers: int) -> tuple[int | None, ...]:
-    """For each layer, the index of the earlier layer whose K/V it reuses (None: computes its own).
-
-    Layers >= L - num_kv_shared_layers are consumers; each reuses the last non-consumer layer of the
-    same type (transformers' ``kv_sharing_modes``: "store" producers, "reuse" consumers).
-    """
-    n = len(layer_types)
-    if num_kv_shared_layers <= 0:
-        return (None,) * n
-    first = n - num_kv_shared_layers
-    if first <= 0:
-        raise ValueError(f"config.json: num_kv_shared_layers={num_kv_shared_layers} leaves no layer computing K/V "
-                         f"(num_hidden_layers={n})")
-    last_of_type: dict[str, int] = {}
-    for i in range(first):
-        last_of_type[layer_types[i]] = i
-    out: list[int | None] = [None] * first
-    for i in range(first, n):
-        if layer_types[i] not in last_of_type:
-            raise ValueError(
-                f"config.json: KV-shared layer {i} has type {layer_types[i]!r} but no earlier non-shared layer of "
-                "that type produces K/V (transformers: 'The set of layer types producing a cache is different "
-                "than the set of layer types using them')")
-        out.append(last_of_type[layer_types[i]])
-    return tuple(out)
 
 
 def rms_norm_plain(x: Array, weight: Array | None, eps: float) -> Array:

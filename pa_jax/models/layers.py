@@ -39,6 +39,21 @@ def rms_norm(
 
 
 # ---------------------------------------------------------------------------------------------- rope
+def proportional_inv_freq(theta: float, head_dim: int, partial_rotary_factor: float,
+                          factor: float = 1.0) -> np.ndarray:
+    """transformers' ``_compute_proportional_rope_parameters``: [head_dim // 2] float32 inverse frequencies.
+
+    inv_i = theta^(-2i / head_dim) / factor for i < int(p * head_dim // 2), and 0 for the remaining pairs.
+    """
+    rope_angles = int(partial_rotary_factor * head_dim // 2)
+    exps = np.arange(0, 2 * rope_angles, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv = (np.float32(1.0) / (np.float32(theta) ** exps)).astype(np.float32)
+    nope = head_dim // 2 - rope_angles
+    if nope > 0:
+        inv = np.concatenate([inv, np.zeros(nope, np.float32)])
+    return (inv / np.float32(factor)).astype(np.float32)
+
+
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> tuple[np.ndarray, float]:
     """Inverse frequencies [rot_dim / 2] (float32) and the cos/sin scaling factor of a RoPE variant.
 
@@ -47,8 +62,6 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> tuple[np.ndarray, float]:
     attention factor 0.1 ln(factor) + 1 (or mscale ratio). d = int(head_dim * partial_rotary_factor).
     """
     if rope.rope_type == "proportional":  # gemma4: [head_dim / 2] entries, the non-rotated pairs 0
-        from pa_jax.models.gemma4 import proportional_inv_freq
-
         return proportional_inv_freq(rope.theta, head_dim, rope.partial_rotary_factor, rope.factor or 1.0), 1.0
     dim = int(head_dim * rope.partial_rotary_factor)
     base = np.float32(rope.theta)

@@ -35,7 +35,9 @@ import numpy as np
 from flax import nnx
 
 from pa_jax.io import atomic_write_bytes, atomic_write_text
+from pa_jax.models import gguf
 from pa_jax.models import params as P
+from pa_jax.models import sharding as S
 from pa_jax.models.config import ModelConfig
 from pa_jax.models.decoder import Decoder
 
@@ -254,9 +256,8 @@ def load_from_tensors(
         tensor = tensors[plan[name]]
         sharding = sharding_fn(name, shapes[name]) if sharding_fn is not None else None
         if sharding is not None:
-            from pa_jax.models.sharding import array_from_slices  # reads each distinct slice once per process
-
-            arr = array_from_slices(shapes[name], target, sharding, tensor.read)
+            # reads each distinct slice once per process
+            arr = S.array_from_slices(shapes[name], target, sharding, tensor.read)
         else:
             arr = jax.device_put(np.asarray(tensor.read()).astype(target))
         var.set_value(arr)
@@ -265,8 +266,6 @@ def load_from_tensors(
 
 def _default_sharding_fn(mesh) -> ShardingFn:
     """``mesh`` (a Mesh or pa_jax.models.sharding.ShardingConfig) -> its parameter sharding rules."""
-    from pa_jax.models import sharding as S
-
     return S.as_sharding_config(mesh).param_sharding
 
 
@@ -280,8 +279,6 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, sharding_fn: S
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ValueError(f"GGUF file {p} does not exist")
-        from pa_jax.models import gguf
-
         hf, tensors = gguf.load_gguf(p)
         config = ModelConfig.from_hf_dict(hf)
         if sharding_fn is None and mesh is not None:

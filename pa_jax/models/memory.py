@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from pa_jax.models.config import ModelConfig
+from pa_jax.models.decoder import Decoder
 
 GROUPS = (
     ("embed_tokens_per_layer", "per_layer_embedding_table"),
@@ -35,8 +36,6 @@ def parameter_memory(config: ModelConfig, *, dtype: str = "bfloat16") -> dict[st
     Groups: embedding (token table, also the unembedding when tied), per_layer_embedding_table
     (Gemma 4 PLE), lm_head (untied), layers, other (final norm, PLE projection/norm).
     """
-    from pa_jax.models.decoder import Decoder
-
     abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), dtype=dtype))
     groups: dict[str, int] = {}
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):

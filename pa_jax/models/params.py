@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-from pa_jax.models.config import ModelConfig
+from pa_jax.models.config import ModelConfig, key_prefix
 
 _L = r"layers\.(\d+)\."
 
@@ -107,8 +107,6 @@ def path_to_hf_key(config: ModelConfig, path: str) -> str:
     """Checkpoint key of a parameter path (the inverse of :func:`hf_key_to_path`) in transformers' layout."""
     if path == "lm_head.weight":
         return "lm_head.weight"
-    from pa_jax.models.config import key_prefix
-
     key = key_prefix(config) + path
     if hf_key_to_path(config, key) != path:
         raise ValueError(f"parameter {path!r} has no checkpoint key in the {config.model_type} table")

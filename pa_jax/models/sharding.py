@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = [
@@ -201,8 +202,6 @@ def shard_model(model: Any, config: ShardingConfig) -> Any:
     For models built here (e.g. a random :class:`Decoder`); loading sharded is :func:`pa_jax.models.load`'s
     ``mesh=`` argument, which never materializes an unsharded copy.
     """
-    from flax import nnx
-
     state = nnx.state(model)
     flat = nnx.to_flat_state(state)
     updated = []
