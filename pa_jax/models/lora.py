@@ -448,11 +448,12 @@ def _merge_one(w, a, b, s):
     return merge_weight(w, a, b, s)
 
 
-def merge_adapter(model, adapter: Adapter, *, donate: bool = True):
+def merge_adapter(model, adapter: Adapter, *, donate: bool = False):
     """Merge an adapter into a model in place: W <- W + s * B @ A per adapted weight (float32 sum).
 
     One weight at a time (peak memory: the model + one weight); with ``donate`` the old weight's buffer is
-    reused. The model's sharding of each weight is kept.
+    reused (only safe when nothing else holds the model's arrays, as right after loading). The model's
+    sharding of each weight is kept.
     """
     _, state = nnx.split(model)
     flat = {P.path_str(p): v for p, v in nnx.to_flat_state(state)}
@@ -463,7 +464,11 @@ def merge_adapter(model, adapter: Adapter, *, donate: bool = True):
             w = jax.device_put(np.asarray(adapter.base_weights[path]).astype(w.dtype), w.sharding)
         a, b = jnp.asarray(ab["A"]), jnp.asarray(ab["B"])
         s = jnp.float32(adapter.scaling[path])
-        var.set_value(_merge_one(w, a, b, s) if donate else merge_weight(w, a, b, s))
+        sharding = getattr(w, "sharding", None)
+        new = _merge_one(w, a, b, s) if donate else merge_weight(w, a, b, s)
+        if sharding is not None and new.sharding != sharding:
+            new = jax.device_put(new, sharding)
+        var.set_value(new)
     return model
 
 
@@ -510,7 +515,7 @@ def load_with_adapter(adapter_dir: str | os.PathLike, base: str | os.PathLike | 
     config, model = load(base_path, dtype=dtype, mesh=mesh, sharding_fn=sharding_fn)
     shapes = {P.path_str(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(model))}
     adapter = read_peft_adapter(adapter_dir, config, shapes=shapes)
-    merge_adapter(model, adapter)
+    merge_adapter(model, adapter, donate=True)  # the freshly loaded weights are held by nothing else
     return config, model
 
 
