@@ -6,8 +6,10 @@ delta:  the base loaded as is, the adapter read (``read_peft_adapter``), and ``a
     forward (W' recomputed on every call; what a LoRA training loss does).
 
 Each (adapter, mode) runs in its own subprocess so that its peak resident memory (ru_maxrss) is its own.
-Printed and written (--out, atomic JSON): load seconds, forward seconds per batch (compiled, median of
---reps), first-call seconds (compile + run), peak RSS, adapter parameters. Adapters (random, nonzero B):
+Printed and written (--out, atomic JSON): base load seconds, adapter seconds (read + check, and the merge
+for ``merged``), forward seconds per batch (compiled, median of --reps), first-call seconds (compile + run),
+peak RSS, adapter parameters; the delta worker also times the merged and the delta forward alternately in
+one process (the ratio is robust to a shared machine's load, the separate-process times are not). Adapters (random, nonzero B):
 ``all``: r=16 on every linear module of the 30 layers (a typical TRL/PEFT recipe); ``top4``: r=8 on
 q/k/v/o of the top 4 layers (a cheap RL adapter).
 
@@ -60,22 +62,20 @@ def worker(mode: str, adapter: str, batch: int, length: int, dtype: str, reps: i
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    if mode == "merged":
-        cfg, model = models.load(adapter, base=smollm2_gguf(), dtype=dtype)
-        graphdef, state = nnx.split(model)
-        lp, scaling = {}, 1.0
-    elif mode == "delta":
-        cfg, model = models.load(smollm2_gguf(), dtype=dtype)
+    cfg, model = models.load(smollm2_gguf(), dtype=dtype)
+    jax.block_until_ready(nnx.state(model))
+    base_load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lp, scaling = {}, 1.0
+    if mode != "base":  # read + check the adapter (both modes); merged: W + s*B@A per weight, as models.load does
         ad = lora.read_peft_adapter(adapter, cfg)
-        graphdef, state = nnx.split(model)
-        lp = jax.tree.map(jnp.asarray, ad.params)
-        scaling = ad.scaling
-    else:  # base: no adapter (reference point)
-        cfg, model = models.load(smollm2_gguf(), dtype=dtype)
-        graphdef, state = nnx.split(model)
-        lp, scaling = {}, 1.0
-    jax.block_until_ready(state)
-    load_s = time.perf_counter() - t0
+        if mode == "merged":
+            lora.merge_adapter(model, ad, donate=True)
+        else:
+            lp, scaling = jax.tree.map(jnp.asarray, ad.params), ad.scaling
+    graphdef, state = nnx.split(model)
+    jax.block_until_ready((state, lp))
+    adapter_s = time.perf_counter() - t0
 
     @jax.jit
     def fwd(state, lp, ids, mask):  # final hidden states of every position (nothing for XLA to drop)
@@ -94,8 +94,21 @@ def worker(mode: str, adapter: str, batch: int, length: int, dtype: str, reps: i
         jax.block_until_ready(fwd(state, lp, ids, mask))
         times.append(time.perf_counter() - t0)
     n_lora = sum(int(np.prod(v.shape)) for d in lp.values() for v in d.values()) if lp else None
-    return {"mode": mode, "load_s": load_s, "first_forward_s": first_s, "forward_s_median": statistics.median(times),
-            "forward_s_all": times, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before the merged copy below
+    speed = {}
+    if mode == "delta":  # forward speed, same process, alternating: merged state vs apply_lora in the forward
+        merged = jax.jit(lambda st, lp: lora.apply_lora(st, lp, scaling))(state, lp)
+        jax.block_until_ready(fwd(merged, {}, ids, mask))
+        tm, td = [], []
+        for _ in range(reps):
+            for arr, st, l in ((tm, merged, {}), (td, state, lp)):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fwd(st, l, ids, mask))
+                arr.append(time.perf_counter() - t0)
+        speed = {"alternating_forward_s_merged": statistics.median(tm), "alternating_forward_s_delta": statistics.median(td),
+                 "delta_over_merged": statistics.median(td) / statistics.median(tm)}
+    return {"mode": mode, "base_load_s": base_load_s, "adapter_s": adapter_s, **speed, "first_forward_s": first_s, "forward_s_median": statistics.median(times),
+            "forward_s_all": times, "peak_rss_gib": peak,
             "rss_before_load_gib": rss0 / 2**20, "lora_params": n_lora}
 
 
@@ -123,8 +136,12 @@ def main() -> None:
                 res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
                 res.update(adapter=kind if mode != "base" else None, adapter_bytes=size if mode != "base" else None)
                 rows.append(res)
-                print(f"{res['adapter'] or '-':5s} {mode:7s} load {res['load_s']:6.2f} s  first fwd {res['first_forward_s']:6.2f} s  "
-                      f"fwd {res['forward_s_median']:.3f} s  peak RSS {res['peak_rss_gib']:.2f} GiB", flush=True)
+                msg = (f"{res['adapter'] or '-':5s} {mode:7s} base load {res['base_load_s']:6.2f} s  adapter "
+                       f"{res['adapter_s']:5.2f} s  first fwd {res['first_forward_s']:6.2f} s  fwd {res['forward_s_median']:.3f} s  "
+                       f"peak RSS {res['peak_rss_gib']:.2f} GiB")
+                if "delta_over_merged" in res:
+                    msg += f"  alternating fwd delta/merged {res['delta_over_merged']:.2f}"
+                print(msg, flush=True)
     out = {"batch": a.batch, "length": a.length, "dtype": a.dtype, "reps": a.reps, "rows": rows,
            "load_average": os.getloadavg(), "cpus": os.cpu_count()}
     if a.out:
