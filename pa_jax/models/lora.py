@@ -321,8 +321,10 @@ def resolve_adapter(config: ModelConfig, spec: LoraSpec, tensors: Mapping[str, A
     shapes = dict(shapes) if shapes is not None else param_shapes(config)
     linear = _linear_modules(config, shapes)
     leaves = {m.rsplit(".", 1)[-1] for m in linear}
+    by_path = {p: mod for mod, p in linear.items()}
     parts: dict[str, dict[str, Any]] = {}
     base_keys: dict[str, str] = {}
+    file_module: dict[str, str] = {}
     for key in tensors:
         m = re.fullmatch(r"(.+)\.(?:lora_([AB])|(base_layer))\.weight", key)
         if m is None or not key.startswith(PEFT_PREFIX):
@@ -342,18 +344,20 @@ def resolve_adapter(config: ModelConfig, spec: LoraSpec, tensors: Mapping[str, A
         if module.rsplit(".", 1)[-1] == "lm_head" and config.tie_word_embeddings:
             raise ValueError(f"{source}: tensor {key!r}: LoRA on lm_head of a base with tied embeddings "
                              f"is not supported")
-        if path is None or path not in shapes or module not in linear:
+        if path is None or path not in shapes or path not in by_path:
             what = "is not a linear module of" if path in shapes else "does not exist in"
             raise ValueError(f"{source}: tensor {key!r}: module {module!r} {what} the base "
                              f"({config.model_type}, {config.num_layers} layers)")
+        canon = by_path[path]  # the module's name under this base's text prefix (older wrappers use another)
+        file_module[canon] = module
         if m.group(3):
-            base_keys[module] = key
+            base_keys[canon] = key
         else:
-            parts.setdefault(module, {})[m.group(2)] = key
+            parts.setdefault(canon, {})[m.group(2)] = key
     for module, ab in parts.items():
         for x in "AB":
             if x not in ab:
-                raise ValueError(f"{source}: missing key {PEFT_PREFIX}{module}.lora_{x}.weight "
+                raise ValueError(f"{source}: missing key {PEFT_PREFIX}{file_module[module]}.lora_{x}.weight "
                                  f"(its lora_{'B' if x == 'A' else 'A'} is present)")
     # what the config targets must be exactly what the file holds
     if isinstance(spec.target_modules, tuple):
