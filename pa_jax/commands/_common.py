@@ -41,7 +41,11 @@ def _agg_list(choices: Sequence[str]):
 
 def add_common_arguments(p: argparse.ArgumentParser, *, token_agg: str = "mean", step_agg: str = "mean",
                          need_reference: bool = False) -> None:
-    p.add_argument("--policy", required=True, help="policy checkpoint: HF directory or .gguf file")
+    p.add_argument("--policy", required=True,
+                   help="policy checkpoint: HF directory, .gguf file, or a PEFT LoRA adapter directory (see --policy-base)")
+    p.add_argument("--policy-base", default=None,
+                   help="base checkpoint (HF directory or .gguf) of a --policy given as a PEFT LoRA adapter directory; "
+                        "default: the adapter's base_model_name_or_path when that is a local path")
     p.add_argument("--reference", required=need_reference, default=None,
                    help="reference checkpoint (same tokenizer); omit for policy-only baselines")
     p.add_argument("--data", required=True, help="trajectory file or directory (format auto-detected)")
@@ -116,17 +120,35 @@ def write_results(path: str | None, obj: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- models
-def load_model(path: str, *, dtype: str, mesh=None, role: str):
-    """(config, model) of a checkpoint; any failure becomes a ValueError naming the option and path."""
+def load_model(path: str, *, dtype: str, mesh=None, role: str, base: str | None = None):
+    """(config, model) of a checkpoint, or of a PEFT LoRA adapter directory merged into ``base`` (default: the
+    adapter's local base_model_name_or_path); any failure becomes a ValueError naming the option and path."""
     from pa_jax.models.load import load as load_checkpoint
 
     p = pathlib.Path(path)
     if not p.exists():
         raise ValueError(f"--{role} {path}: no such file or directory")
     try:
-        return load_checkpoint(p, dtype=dtype, mesh=mesh)
+        return load_checkpoint(p, dtype=dtype, mesh=mesh, base=base)
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"--{role} {path}: cannot load as a decoder-only causal LM ({type(e).__name__}: {e})") from e
+
+
+def tokenizer_source(path: str, base: str | None, role: str) -> str:
+    """Where the tokenizer of ``--role`` comes from: the checkpoint itself, or for a LoRA adapter directory
+    without tokenizer files its base (``base``, else the adapter's local base_model_name_or_path)."""
+    from pa_jax.models.lora import is_adapter_dir, resolve_base
+
+    p = pathlib.Path(path)
+    if base is not None and not is_adapter_dir(p):
+        raise ValueError(f"--{role}-base {base} given but --{role} {path} is not a PEFT adapter directory "
+                         f"(no adapter_config.json)")
+    if not is_adapter_dir(p) or (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file():
+        return path
+    try:
+        return str(resolve_base(p, base))
+    except ValueError as e:
+        raise ValueError(f"--{role} {path}: {e}") from e
 
 
 @dataclass
@@ -163,10 +185,11 @@ def prepare(args: argparse.Namespace, *, require: str | None) -> Scored:
         trajs = trajs[: args.limit]
     if not trajs:
         raise ValueError(f"--data {args.data}: no scorable trajectory ({len(ds.skipped)} skipped)")
-    tok = load_tokenizer(args.policy)
+    policy_base = getattr(args, "policy_base", None)
+    tok = load_tokenizer(tokenizer_source(args.policy, policy_base, "policy"))
     same = args.reference is not None and pathlib.Path(args.reference).resolve() == pathlib.Path(args.policy).resolve()
     if args.reference is not None and not same:
-        check_tokenizers(tok, load_tokenizer(args.reference))
+        check_tokenizers(tok, load_tokenizer(tokenizer_source(args.reference, None, "reference")))
     t0 = time.perf_counter()
     rendered = [render(t, tok, rendering=args.rendering, max_length=args.max_length) for t in trajs]
     t_render = time.perf_counter() - t0
@@ -176,7 +199,7 @@ def prepare(args: argparse.Namespace, *, require: str | None) -> Scored:
 
         mesh = make_mesh()
     t0 = time.perf_counter()
-    policy = load_model(args.policy, dtype=args.dtype, mesh=mesh, role="policy")
+    policy = load_model(args.policy, dtype=args.dtype, mesh=mesh, role="policy", base=policy_base)
     reference = None
     if args.reference is not None and not same:
         reference = load_model(args.reference, dtype=args.dtype, mesh=mesh, role="reference")
@@ -187,6 +210,11 @@ def prepare(args: argparse.Namespace, *, require: str | None) -> Scored:
                           pack=not args.no_pack, share_prefix=not args.no_share_prefix)
     meta = {"policy": model_identity(args.policy), "reference": model_identity(args.reference) if reference else None,
             "dtype": args.dtype}
+    from pa_jax.models.lora import is_adapter_dir, resolve_base
+
+    for role, path, base in (("policy", args.policy, policy_base), ("reference", args.reference, None)):
+        if path is not None and (role == "policy" or reference is not None) and is_adapter_dir(path):
+            meta[f"{role}_base"] = model_identity(resolve_base(path, base))  # an adapter's base is part of its identity
     total = sum(len(r) for r in rendered)
     bar = None
     if not args.no_progress:
@@ -296,7 +324,7 @@ def step_method_scores(sc: Scored, token_agg: str, beta: float) -> dict[str, lis
 def base_results(args: argparse.Namespace, command: str, sc: Scored) -> dict:
     truncated = [{"id": r.trajectory_id, **r.truncation.as_dict()} for r in sc.rendered if r.truncation.truncated]
     files = sorted(set(sc.dataset.files))
-    models = {"policy": args.policy, "reference": args.reference,
+    models = {"policy": args.policy, "policy_base": getattr(args, "policy_base", None), "reference": args.reference,
               "reference_is_policy": sc.reference_is_policy}
     return {
         "command": command,

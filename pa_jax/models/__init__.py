@@ -7,6 +7,8 @@ Public API::
     logp = pa_jax.models.token_logprobs(config, model, input_ids, attention_mask)   # [B, T-1]
     model = pa_jax.models.Decoder(config, rngs=nnx.Rngs(0), dtype="float32")       # random init
     pa_jax.models.save_pretrained(config, model, path)         # transformers-loadable directory
+    config, model = pa_jax.models.load(adapter_dir, base=base_path)  # PEFT LoRA adapter merged into a base
+    merged_state = pa_jax.models.apply_lora(state, lora_params, scaling)  # pure / jittable (pa_jax.models.lora)
 """
 
 from __future__ import annotations
@@ -22,9 +24,27 @@ from pa_jax.head import head_statistics
 from pa_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeConfig
 from pa_jax.models.decoder import Decoder, KVCache, concat_kv
 from pa_jax.models.load import load, load_from_tensors, open_safetensors_dir, save_pretrained
+from pa_jax.models.lora import (
+    Adapter,
+    LoraSpec,
+    apply_lora,
+    init_lora,
+    load_with_adapter,
+    lora_scaling,
+    read_peft_adapter,
+    write_peft_adapter,
+)
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "Adapter",
+    "LoraSpec",
+    "apply_lora",
+    "init_lora",
+    "load_with_adapter",
+    "lora_scaling",
+    "read_peft_adapter",
+    "write_peft_adapter",
     "Decoder",
     "KVCache",
     "ModelConfig",
