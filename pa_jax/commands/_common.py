@@ -56,10 +56,11 @@ def add_common_arguments(p: argparse.ArgumentParser, *, token_agg: str = "mean",
     p.add_argument("--out", default=None, help="results JSON (written atomically)")
     p.add_argument("--cache", default=None,
                    help="cache directory of per-token statistics (reused and resumed across runs)")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32",
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="parameter / activation dtype (matmuls and head statistics accumulate in float32). "
-                        "bfloat16 is the fast path on CPUs with avx512_bf16 (bench_forward.py) but moves per-token "
-                        "log-probs by up to a few tenths of a nat; float32 is the default (bench_scoring.py)")
+                        "auto (default): the faster one on this platform by a measured rule "
+                        "(pa_jax.models.dtype.auto_dtype; recorded in the results); bfloat16 moves per-token "
+                        "log-probs by up to a few tenths of a nat (bench_scoring.py)")
     p.add_argument("--top-k", type=int, default=20, help="top-k log-probs kept per token (authors: 20)")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per device batch")
     p.add_argument("--limit", type=int, default=None,
@@ -150,6 +151,11 @@ def prepare(args: argparse.Namespace, *, require: str | None) -> Scored:
     from pa_jax.scoring import ScoringOptions, check_tokenizers, load_tokenizer, model_identity, score_rendered
 
     validate_args(args)
+    if getattr(args, "dtype", None) == "auto":  # --dtype auto: resolved once, both the choice and its rule recorded
+        from pa_jax.models.dtype import resolve_dtype
+
+        args.dtype_requested = "auto"
+        args.dtype, args.dtype_rule = resolve_dtype("auto")
     ds = load(args.data)
     if require:
         ds = ds.require(require)
