@@ -49,7 +49,7 @@ def auto_dtype(platform: str, cpu_info: Mapping) -> tuple[str, str]:
 
     * GPU / TPU (``platform`` "gpu", "cuda", "rocm", "tpu"): bfloat16 (the matrix units' native input type).
     * CPU, vendor AuthenticAMD: bfloat16. AMD EPYC (family 25, 2-core KVM guest, recorded as Zen 4): bf16 288
-      tokens/s vs f32 191 (bench_forward.py: bf16 also the faster forward on that machine).
+      tokens/s vs f32 191.
     * CPU, vendor GenuineIntel with ``amx_bf16``: bfloat16 (AMX tiles take bf16 natively; not yet measured
       here, the one untested branch of the rule).
     * CPU, GenuineIntel otherwise: float32. Intel Xeon, 2 cores, with avx512_bf16 but no AMX: bf16 155
