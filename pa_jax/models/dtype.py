@@ -49,7 +49,9 @@ def auto_dtype(platform: str, cpu_info: Mapping) -> tuple[str, str]:
 
     * GPU / TPU (``platform`` "gpu", "cuda", "rocm", "tpu"): bfloat16 (the matrix units' native input type).
     * CPU, vendor AuthenticAMD: bfloat16. AMD EPYC (family 25, 2-core KVM guest, recorded as Zen 4): bf16 288
-      tokens/s vs f32 191.
+      tokens/s vs f32 191. Also on an AMD EPYC guest that shows no avx512 flag at all (2 cores, loaded machine):
+      bench_forward.py B=2 T=256 bf16 198 vs f32 152 tokens/s, although XLA's bf16 matmuls alone ran at
+      0.6-0.7x its f32 ones there (bench_matmul.py): the halved memory traffic wins on these guests.
     * CPU, vendor GenuineIntel with ``amx_bf16``: bfloat16 (AMX tiles take bf16 natively; not yet measured
       here, the one untested branch of the rule).
     * CPU, GenuineIntel otherwise: float32. Intel Xeon, 2 cores, with avx512_bf16 but no AMX: bf16 155
