@@ -87,3 +87,15 @@ def test_cli_default_is_auto():
     args = p.parse_args(["--policy", "x", "--data", "y"])
     assert args.dtype == "auto"
     assert p.parse_args(["--policy", "x", "--data", "y", "--dtype", "float32"]).dtype == "float32"
+
+
+def test_cli_resolves_auto_once_and_records_rule():
+    from pa_jax.commands._common import resolve_dtype_arg
+    from pa_jax.models.dtype import DTYPES
+
+    args = argparse.Namespace(dtype="auto")
+    resolve_dtype_arg(args)
+    assert args.dtype in DTYPES and args.dtype_requested == "auto" and args.dtype_rule
+    given = argparse.Namespace(dtype="float32")
+    resolve_dtype_arg(given)
+    assert vars(given) == {"dtype": "float32"}

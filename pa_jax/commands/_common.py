@@ -85,6 +85,16 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--tasks must be >= 1, got {args.tasks}")
 
 
+def resolve_dtype_arg(args: argparse.Namespace) -> None:
+    """--dtype auto -> the platform's dtype (pa_jax.models.dtype.auto_dtype), resolved once; the request and the
+    rule are kept in args (so in the results' config): dtype_requested, dtype_rule."""
+    if getattr(args, "dtype", None) == "auto":
+        from pa_jax.models.dtype import resolve_dtype
+
+        args.dtype_requested = "auto"
+        args.dtype, args.dtype_rule = resolve_dtype("auto")
+
+
 # ---------------------------------------------------------------------------------------------- provenance
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
@@ -151,11 +161,7 @@ def prepare(args: argparse.Namespace, *, require: str | None) -> Scored:
     from pa_jax.scoring import ScoringOptions, check_tokenizers, load_tokenizer, model_identity, score_rendered
 
     validate_args(args)
-    if getattr(args, "dtype", None) == "auto":  # --dtype auto: resolved once, both the choice and its rule recorded
-        from pa_jax.models.dtype import resolve_dtype
-
-        args.dtype_requested = "auto"
-        args.dtype, args.dtype_rule = resolve_dtype("auto")
+    resolve_dtype_arg(args)
     ds = load(args.data)
     if require:
         ds = ds.require(require)
