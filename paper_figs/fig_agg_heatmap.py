@@ -100,7 +100,7 @@ def draw(panels: list[dict]):
             ax.plot(bj, bi, marker="*", ms=14, mfc="none", mec="red", mew=1.5, label="best")
         if p["default"] is not None:
             di, dj = p["default"]
-            ax.add_patch(plt.Rectangle((dj - 0.5, di - 0.5), 1, 1, fill=False, ec="white", lw=2.2, label="default"))
+            ax.add_patch(plt.Rectangle((dj - 0.5, di - 0.5), 1, 1, fill=False, ec="magenta", ls="--", lw=2.0, label="default"))
         ax.set_title(p["title"], fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046, label=p["metric"])
     axes.flat[0].legend(fontsize=6, loc="upper left", bbox_to_anchor=(0, -0.25))
