@@ -65,7 +65,8 @@ def test_bad_analysis_options(ckpts, tmp_path, capsys):  # noqa: F811
     d, tok, models = ckpts
     data = tmp_path / "sims.json"
     data.write_text(json.dumps({"simulations": [_sim(i, f"t{i}", float(i % 2)) for i in range(4)]}))
-    base = ["uq", "--policy", str(d / "policy"), "--data", str(data), "--no-progress", "--bootstrap", "10"]
+    base = ["uq", "--policy", str(d / "policy"), "--data", str(data), "--no-progress", "--bootstrap", "10",
+            "--cache", str(tmp_path / "cache")]
 
     def fails(extra, pattern):
         capsys.readouterr()
