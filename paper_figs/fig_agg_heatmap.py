@@ -22,11 +22,19 @@ from _figio import need, plt, read_json, save  # noqa: E402
 METRIC = {"uq": "auroc", "bon": "bon_success_rate", "fa": "step_accuracy"}
 
 
+def _short(path) -> str:
+    name = os.path.basename(str(path or "-")).rsplit(".", 1)[0] if path else "-"
+    return name if len(name) <= 22 else name[:21] + "~"
+
+
 def _label(res: dict, path: str) -> str:
+    """``<command> <data file>`` and the model pair (one name when the reference is the policy)."""
     cfg = res.get("config", {})
     models = res.get("models", {})
-    pair = "/".join(os.path.basename(str(models.get(k) or "-")) for k in ("policy", "reference"))
-    return f"{os.path.basename(str(cfg.get('data', path)))} [{pair}]"
+    pol, ref = models.get("policy") or cfg.get("policy"), models.get("reference") or cfg.get("reference")
+    pair = _short(pol) + (" (ref = policy)" if pol == ref else f" / {_short(ref)}" if ref else " (no ref)")
+    data = os.path.basename(str(cfg.get("data", path)).rstrip("/"))
+    return f"{cfg.get('command', '')} {data}\n{pair}"
 
 
 def grids(res: dict, path: str) -> list[dict]:
@@ -64,7 +72,9 @@ def grids(res: dict, path: str) -> list[dict]:
                     by.setdefault(method, {})[(ta, rule)] = v["step_accuracy"]
             for method, cells in by.items():
                 first_rule = next(iter(cells))[1]
-                panels.append(_panel(f"{_label(res, path)} {split}\n{method}", cells, (ta0, first_rule), "step accuracy"))
+                lab = _label(res, path)
+                lab = lab if lab.split("\n")[0].endswith(split) else f"{lab} {split}"
+                panels.append(_panel(f"{lab}\n{method}", cells, (ta0, first_rule), "step accuracy"))
     return [p for p in panels if p["values"].size > 1]
 
 
@@ -103,8 +113,9 @@ def draw(panels: list[dict]):
             ax.add_patch(plt.Rectangle((dj - 0.5, di - 0.5), 1, 1, fill=False, ec="magenta", ls="--", lw=2.0, label="default"))
         ax.set_title(p["title"], fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046, label=p["metric"])
-    axes.flat[0].legend(fontsize=6, loc="upper left", bbox_to_anchor=(0, -0.25))
     fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower left", fontsize=7, ncol=2, bbox_to_anchor=(0.0, -0.03))
     return fig
 
 

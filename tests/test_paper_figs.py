@@ -116,3 +116,59 @@ def test_fa_bars(tmp_path):
     assert out.read_bytes()[:8] == PNG
     with pytest.raises(ValueError, match="must be 'fa'"):
         fig.main([str(_uq(tmp_path)), "--out", str(out)])
+
+
+def test_fa_bars_chance_from_data(tmp_path):
+    """Older results files without chance_step_accuracy: the chance line from the Who&When data."""
+    fig = _mod("fig_fa_bars")
+    split = tmp_path / "data" / "Algorithm-Generated"
+    split.mkdir(parents=True)
+    # 4 messages with content (4 actions) and mistake 1; 2 actions (one empty message) and mistake 2
+    hists = [(["a", "b", "c", "d"], 1), (["a", "", "c"], 2)]
+    for i, (contents, ms) in enumerate(hists):
+        hist = [{"role": "assistant", "name": "A", "content": c} for c in contents]
+        (split / f"{i + 1}.json").write_text(json.dumps({"history": hist, "mistake_step": str(ms)}))
+    assert fig.chance_from_data(str(tmp_path / "data")) == {"Algorithm-Generated": pytest.approx((1 / 4 + 1 / 2) / 2)}
+    with pytest.raises(ValueError, match="2 trajectories in split 'Algorithm-Generated', the results have 5"):
+        fig.chance_from_data(str(tmp_path / "data"), {"Algorithm-Generated": 5})
+    res = json.loads(_fa(tmp_path).read_text())
+    del res["chance_step_accuracy"]
+    for rules in res["metrics"]["Algorithm-Generated"].values():
+        for v in rules.values():
+            v["n"] = 2
+    p = tmp_path / "old_fa.json"
+    p.write_text(json.dumps(res))
+    out = tmp_path / "b.png"
+    assert fig.main([str(p), "--out", str(out), "--data", str(tmp_path / "data"), "--token-agg", "sum"]) == 0
+    assert out.read_bytes()[:8] == PNG
+
+
+def test_heldout_table_from_uq_results(tmp_path, capsys):
+    """paper_figs/heldout_table.py on a uq results file: held-out AUROC recomputed by a plain loop."""
+    from sklearn.metrics import roc_auc_score
+
+    from pa_jax.apps import select
+
+    tab = _mod("heldout_table")
+    rng = np.random.default_rng(3)
+    ids = [f"{t}/trial{k}" for t in range(15) for k in range(2)]
+    y = rng.integers(0, 2, len(ids))
+    sc = {"ids": ids, "labels": y.tolist(),
+          "pa/mean/mean": list(y * 0.3 + rng.normal(size=len(ids))), "pa/max/mean": list(y + rng.normal(size=len(ids))),
+          "sc": list(rng.normal(size=len(ids)))}
+    p = tmp_path / "uq.json"
+    p.write_text(json.dumps({"config": {"command": "uq", "token_agg": ["mean"], "step_agg": ["mean"]}, "scores": sc}))
+    out = tmp_path / "sel.json"
+    assert tab.main([str(p), "--folds", "3", "--resamples", "30", "--json", str(out)]) == 0
+    assert "| pa | pa/" in capsys.readouterr().out
+    got = json.loads(out.read_text())["selection"][""]["pa"]
+    fold = select.task_folds([i.split("/")[0] for i in ids], 3, 0)
+    vals = []
+    for f in range(3):
+        tr, te = fold != f, fold == f
+        best = max(("pa/mean/mean", "pa/max/mean"), key=lambda c: roc_auc_score(y[tr], np.array(sc[c])[tr]))
+        vals.append(roc_auc_score(y[te], np.array(sc[best])[te]))
+    assert got["heldout"]["value"] == pytest.approx(np.mean(vals))
+    assert got["default"]["candidate"] == "pa/mean/mean"
+    with pytest.raises(ValueError, match="needs --data"):
+        tab.main([str(_fa(tmp_path)), "--folds", "2"])
