@@ -7,6 +7,10 @@ band of +-1.96 standard errors (trajectories shorter than s + 1 steps drop out; 
 group has fewer than --min-count trajectories are not drawn).
 
     python paper_figs/fig_running_pa.py scores.jsonl --out running.png [--method progress_advantage]
+
+An external scorer's step scores (--extra-scores NAME=FILE.jsonl, the format of pa-jax's
+--extra-scores, validated against the ids and step counts of scores.jsonl) are drawn with
+--method NAME; the success labels still come from scores.jsonl.
 """
 from __future__ import annotations
 
@@ -47,13 +51,14 @@ def band(curves: list[np.ndarray], min_count: int) -> tuple[np.ndarray, np.ndarr
     return mean, half, count
 
 
-def collect(records: list[dict], path: str, method: str) -> dict[bool, list[np.ndarray]]:
+def collect(records: list[dict], path: str, method: str, extra: dict | None = None) -> dict[bool, list[np.ndarray]]:
+    """Step scores of ``method`` grouped by success; ``extra``: ``{id: step scores}`` of an external scorer."""
     groups: dict[bool, list[np.ndarray]] = {True: [], False: []}
     for i, r in enumerate(records):
         if "skipped" in r:
             continue
         where = f"{path} line {i + 1}"
-        steps = r.get("step_scores")
+        steps = r.get("step_scores") if extra is None else {method: extra[str(r["id"])]}
         if not isinstance(steps, dict) or method not in steps:
             have = sorted(steps) if isinstance(steps, dict) else None
             raise ValueError(f"{where}: no step_scores[{method!r}] (has {have})")
@@ -88,8 +93,24 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--method", default="progress_advantage", help="step_scores key (default progress_advantage)")
     ap.add_argument("--min-count", type=int, default=3, help="fewest trajectories per group to draw a step")
+    ap.add_argument("--extra-scores", default=None, metavar="NAME=FILE.jsonl", help="an external scorer's step scores")
     a = ap.parse_args(argv)
-    groups = collect(read_jsonl(a.scores), a.scores, a.method)
+    records = read_jsonl(a.scores)
+    extra = None
+    if a.extra_scores:
+        from pa_jax.data.extra_scores import load_extra_scores, parse_spec
+
+        name, file = parse_spec(a.extra_scores)
+        rows = [r for r in records if "skipped" not in r]
+        for i, r in enumerate(rows):
+            if "id" not in r or "num_steps" not in r:
+                raise ValueError(f"{a.scores}: record {i + 1} lacks 'id' or 'num_steps'")
+        ex = load_extra_scores(name, file, [str(r["id"]) for r in rows], [int(r["num_steps"]) for r in rows])
+        if ex.step_scores is None:
+            raise ValueError(f"--extra-scores {a.extra_scores}: the file has no 'step_scores'")
+        extra = {str(r["id"]): s for r, s in zip(rows, ex.step_scores)}
+        a.method = name
+    groups = collect(records, a.scores, a.method, extra)
     save(draw(groups, a.method, a.min_count), a.out)
     print(f"wrote {a.out}")
     return 0

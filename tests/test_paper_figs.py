@@ -104,6 +104,20 @@ def test_running_pa(tmp_path):
     assert out.read_bytes()[:8] == PNG
     with pytest.raises(ValueError, match=r"line 1: no step_scores\['nope'\]"):
         fig.main([str(p), "--out", str(out), "--method", "nope"])
+    # an external scorer's step scores, matched by id; the labels from the scores file
+    for x in lines[:-1]:
+        x["num_steps"] = len(x["step_scores"]["progress_advantage"])
+    p.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ext = tmp_path / "prm.jsonl"
+    ext.write_text("".join(json.dumps({"id": x["id"], "step_scores": [float(x["success"])] * x["num_steps"]}) + "\n"
+                           for x in lines[:-1]))
+    assert fig.main([str(p), "--out", str(out), "--extra-scores", f"prm={ext}"]) == 0
+    recs = [json.loads(x) for x in p.read_text().splitlines()]
+    g = fig.collect(recs, str(p), "prm", {x["id"]: np.full(x["num_steps"], float(x["success"])) for x in lines[:-1]})
+    assert all(np.all(a == 1.0) for a in g[True]) and all(np.all(a == 0.0) for a in g[False])
+    ext.write_text(json.dumps({"id": "t0", "step_scores": [1.0]}) + "\n")
+    with pytest.raises(ValueError, match="no line for 11 trajectories"):
+        fig.main([str(p), "--out", str(out), "--extra-scores", f"prm={ext}"])
 
 
 def test_fa_bars(tmp_path):
