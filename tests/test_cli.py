@@ -155,9 +155,9 @@ def test_fa_who_and_when(ckpts, tmp_path):
                  "--dtype", "float32", "--out", str(out), "--no-progress", "--k", "1", "2"]) == 0
     res = json.loads(out.read_text())
     assert res["n_scored"] == 4 and res["skipped"][0]["reason"] == "missing label 'mistake_step'"
-    m = res["metrics"]["Algorithm-Generated"]["progress_advantage/min"]
-    assert set(m) == {"min_cumulative", "sharpest_drop", "sharpest_consecutive_drop", "k_advantage(k=1)",
-                      "k_advantage(k=2)"}
+    m = res["metrics"]["Algorithm-Generated"]["progress_advantage/sum"]  # the authors' FA script: token sum
+    assert set(m) == {"min_cumulative", "sharpest_drop", "sharpest_consecutive_drop", "earliest_below_threshold(t=0)",
+                      "k_advantage(k=1)", "k_advantage(k=2)"}
     truth = [i % 5 for i in range(4)]
     for rule, v in m.items():
         p = np.array(v["predictions"])

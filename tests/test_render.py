@@ -55,7 +55,8 @@ def test_reference_rendering_real_airline(shared_data, tok):
     r = render(t, tok)
     text = tok.decode(r.input_ids[1:])
     assert text.startswith("[system]: # Airline Agent Policy")
-    assert "\n[assistant]: tool_call(get_user_details, {'user_id': 'mia_li_3668'})\n[tool]: " in text
+    # tau-bench v1 stores the arguments as a JSON string: printed verbatim (the authors' f"{args}")
+    assert '\n[assistant]: tool_call(get_user_details, {"user_id":"mia_li_3668"})\n[tool]: ' in text
     # every assistant message is one step, in order
     assert r.num_steps == sum(m.role == "assistant" for m in t.messages)
     first = tok.decode(r.input_ids[r.step_ids == 0])
@@ -117,3 +118,42 @@ def test_chat_rendering_needs_template(tok):
         render(_traj(), t2, rendering="chat")
     with pytest.raises(ValueError, match="rendering must be"):
         render(_traj(), tok, rendering="html")
+
+
+def test_json_string_arguments_print_verbatim(tmp_path, tok):
+    """Tool-call arguments stored as a JSON string (tau-bench v1 / OpenAI layout) are printed
+    character for character, as the authors' ``f"tool_call({name}, {args})"`` prints a str; dict
+    arguments (tau2 layout) print as the Python dict. Expected texts written by hand."""
+    import json as _json
+
+    args_str = '{"origin":"JFK",  "n": 2, "note": "caf\\u00e9"}'  # odd spacing and an escape survive
+    item = {"task_id": 3, "trial": 0, "reward": 1.0, "traj": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "search", "arguments": args_str}}]},
+        {"role": "tool", "content": "ok"},
+        {"role": "assistant", "content": "Done.", "tool_calls": [
+            {"id": "c2", "type": "function", "function": {"name": "f", "arguments": "not json"}}]},
+    ]}
+    p = tmp_path / "v1.json"
+    p.write_text(_json.dumps([item]))
+    t = load(p).trajectories[0]
+    assert t.messages[1].tool_calls[0].arguments == {"origin": "JFK", "n": 2, "note": "caf\u00e9"}
+    want = [
+        "[user]: hi",
+        '\n[assistant]: tool_call(search, {"origin":"JFK",  "n": 2, "note": "caf\\u00e9"})',
+        "\n[tool]: ok",
+        "\n[assistant]: Done.\ntool_call(f, not json)",
+    ]
+    from pa_jax.data.render import message_texts
+
+    assert message_texts(t) == want
+    r = render(t, tok)
+    assert tok.decode(r.input_ids[1:]) == "".join(want)
+    # tau2 layout with dict arguments: the Python dict, as before
+    sim = {"simulations": [{"id": "s", "task_id": "t", "reward_info": {"reward": 1.0}, "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "g", "arguments": {"a": [1, "x"]}}]}]}]}
+    p2 = tmp_path / "t2.json"
+    p2.write_text(_json.dumps(sim))
+    assert message_texts(load(p2).trajectories[0])[1] == "\n[assistant]: tool_call(g, {'a': [1, 'x']})"

@@ -16,6 +16,9 @@ from pa_jax.io import atomic_write_text, dumps_strict
 def add_arguments(p: argparse.ArgumentParser) -> None:
     C.add_common_arguments(p, token_agg="mean", step_agg="mean")
     p.add_argument("--jsonl", default=None, help="JSON-lines output (default: <--out without .json>.jsonl, or stdout)")
+    p.add_argument("--per-token", default=None, metavar="FILE.jsonl",
+                   help="also write per-token beta * log-ratio and policy log-prob of every scored action token "
+                        "(from the statistics / cache; pa_jax.apps.per_token; for paper_figs/fig_token_signal.py)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,8 +44,11 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(path, text)
     else:
         print(text, end="")
+    if args.per_token:
+        _write_per_token(args.per_token, sc, args.beta)
     res = C.base_results(args, "score", sc)
     res["jsonl"] = path
+    res["per_token"] = args.per_token
     C.write_results(args.out, res)
     if path:
         print(C.table([[k, float(v.mean()), float(v.min()), float(v.max())] for k, v in traj_scores.items()],
@@ -50,3 +56,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
         C.print_footer(sc, args.out)
     return 0
+
+
+def _write_per_token(path: str, sc, beta: float) -> None:
+    from pa_jax.apps.per_token import per_token_record, scored_token_ids
+    from pa_jax.io import atomic_write_text, dumps_strict
+
+    lines = []
+    for t, r, st in zip(sc.trajectories, sc.rendered, sc.stats):
+        ids = scored_token_ids(r)
+        lines.append(per_token_record(t, st, beta, ids if len(ids) == st.num_tokens else None))
+    atomic_write_text(path, "".join(dumps_strict(x, indent=None) + "\n" for x in lines))

@@ -87,9 +87,13 @@ def _tau_messages(raw: Any, where: str, *, openai_tool_calls: bool) -> tuple[Mes
                 continue
             if openai_tool_calls and "function" in tc:
                 fn = _field(tc, "function", wk, dict)
-                calls.append(ToolCall(str(_field(fn, "name", wk)), _parse_args(fn.get("arguments", {}))))
+                raw = fn.get("arguments", {})
+                calls.append(ToolCall(str(_field(fn, "name", wk)), _parse_args(raw),
+                                      raw if isinstance(raw, str) else None))
             else:
-                calls.append(ToolCall(str(_field(tc, "name", wk)), _parse_args(tc.get("arguments", {}))))
+                raw = tc.get("arguments", {})
+                calls.append(ToolCall(str(_field(tc, "name", wk)), _parse_args(raw),
+                                      raw if isinstance(raw, str) else None))
         out.append(Message(role=role, content=_content(m, w), tool_calls=tuple(calls)))
     return tuple(out)
 

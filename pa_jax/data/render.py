@@ -5,9 +5,9 @@ Two renderings:
 * ``reference`` reproduces the authors' released scorer: message ``i`` becomes the text
   ``"\\n[role]: content"`` (no leading newline for the first message); an assistant message
   gets its tool calls appended as ``"\\ntool_call(name, args)"`` lines (``args`` printed as the
-  Python dict) and, if the result is empty, the text ``[assistant action]``. Each message text is
-  tokenized on its own (no special tokens) and the pieces are concatenated after BOS (when the
-  tokenizer has one).
+  Python dict, or verbatim when the source stored the arguments as a JSON string) and, if the
+  result is empty, the text ``[assistant action]``. Each message text is tokenized on its own
+  (no special tokens) and the pieces are concatenated after BOS (when the tokenizer has one).
 * ``chat`` renders the messages through the tokenizer's chat template; each message's content is
   located in the rendered text and its character range mapped to the tokens that overlap it.
 
@@ -68,8 +68,12 @@ class Rendered:
         return int(self.input_ids.shape[0])
 
 
-def format_tool_call(name: str, arguments: Any) -> str:
-    """``tool_call(name, args)`` with ``args`` printed as Python prints the dict (authors' format)."""
+def format_tool_call(name: str, arguments: Any, arguments_text: str | None = None) -> str:
+    """``tool_call(name, args)`` as the authors' ``pa/trajectory.py`` formats it, ``f"{args}"`` of
+    the stored value: a dict prints as Python prints it; arguments stored as a JSON string
+    (``arguments_text``: tau-bench v1, BFCL-style files) print verbatim, character for character."""
+    if arguments_text is not None:
+        return f"tool_call({name}, {arguments_text})"
     return f"tool_call({name}, {arguments if arguments is not None else {}})"
 
 
@@ -88,7 +92,7 @@ def message_texts(traj: Trajectory) -> list[str]:
 def _assistant_text(m: Message) -> str:
     tc = ""
     if m.tool_calls:
-        tc = "\n" + "\n".join(format_tool_call(c.name, c.arguments) for c in m.tool_calls)
+        tc = "\n" + "\n".join(format_tool_call(c.name, c.arguments, c.arguments_text) for c in m.tool_calls)
     return (m.content + tc).strip() or "[assistant action]"
 
 

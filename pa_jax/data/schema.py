@@ -18,10 +18,15 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class ToolCall:
-    """An assistant tool call: a name and its arguments (a dict, or the raw string if not JSON)."""
+    """An assistant tool call: a name and its arguments (a dict, or the raw string if not JSON).
+
+    arguments_text: the arguments exactly as the source stored them when it stored a JSON string
+    (tau-bench v1, BFCL-style files); the reference rendering prints it verbatim.
+    """
 
     name: str
     arguments: Any = None
+    arguments_text: str | None = None
 
 
 @dataclass(frozen=True)
