@@ -20,9 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if any(k < 1 for k in args.k):
-        raise ValueError(f"--k must be >= 1, got {args.k}")
-    sc = C.prepare(args, require="mistake_step")
+    sc = C.prepare(args, require="mistake_step", command="fa")
     results = C.base_results(args, "fa", sc)
     splits: dict[str, list[int]] = {}
     for i, t in enumerate(sc.trajectories):

@@ -8,7 +8,8 @@ written as lines with ``"skipped": reason``.
 from __future__ import annotations
 
 import argparse
-import json
+import hashlib
+import pathlib
 
 from pa_jax.commands import _common as C
 
@@ -19,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    sc = C.prepare(args, require=None)
+    sc = C.prepare(args, require=None, command="score")
     traj_scores = C.trajectory_method_scores(sc, args.token_agg, args.step_agg, args.beta)
     steps = C.step_method_scores(sc, args.token_agg[0], args.beta)
     lines = []
@@ -35,17 +36,24 @@ def run(args: argparse.Namespace) -> int:
         })
     for s in sc.dataset.skipped:
         lines.append({"skipped": s.reason, "source": s.source, "item": s.item})
-    text = "".join(json.dumps(x) + "\n" for x in lines)
-    path = args.jsonl or (args.out[: -len(".json")] + ".jsonl" if args.out and args.out.endswith(".json") else None)
-    if path:
-        from pa_jax.scoring import atomic_write_bytes
-        import pathlib
+    from pa_jax.io import atomic_write_bytes, dumps_strict
 
-        atomic_write_bytes(pathlib.Path(path), lambda f: f.write(text.encode()))
+    text = "".join(dumps_strict(x, indent=None) + "\n" for x in lines)
+    path = args.jsonl or (args.out[: -len(".json")] + ".jsonl" if args.out and args.out.endswith(".json") else None)
+    # the pair stays consistent: the old --out (the manifest) goes first, the .jsonl is replaced, and the new
+    # --out, naming the .jsonl's SHA-256 and line count, is written last; a run killed in between leaves a
+    # .jsonl without a manifest, never a new .jsonl next to an old manifest
+    if args.out and path:
+        pathlib.Path(args.out).unlink(missing_ok=True)
+    if path:
+        atomic_write_bytes(pathlib.Path(path), text.encode())
     else:
         print(text, end="")
     res = C.base_results(args, "score", sc)
     res["jsonl"] = path
+    if path:
+        res["jsonl_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+        res["jsonl_lines"] = len(lines)
     C.write_results(args.out, res)
     if path:
         print(C.table([[k, float(v.mean()), float(v.min()), float(v.max())] for k, v in traj_scores.items()],

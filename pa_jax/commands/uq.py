@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    sc = C.prepare(args, require="reward")
+    sc = C.prepare(args, require="reward", command="uq")
     labels = np.array([bool(t.success) for t in sc.trajectories], np.int64)
     scores = C.trajectory_method_scores(sc, args.token_agg, args.step_agg, args.beta)
     metrics = uq.uq_report(scores, labels, num_resamples=args.bootstrap, seed=args.seed,
@@ -37,5 +37,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [[k, m["auroc"], m["auroc_ci95"], m["spearman"], m["brier"], m["ece"]] for k, m in metrics.items()]
     print(C.table(rows, ["method/token_agg/step_agg", "AUROC", "95% CI", "Spearman", "Brier", "ECE"]))
     print(f"{len(labels)} trajectories, {int(labels.sum())} successes")
+    if labels.sum() in (0, len(labels)):
+        print(f"note: metrics undefined (null in the results): {uq.undefined_reasons(labels, labels, 2)['auroc']}")
     C.print_footer(sc, args.out)
     return 0
