@@ -118,6 +118,8 @@ def load_model(path: str, *, dtype: str, mesh=None, role: str):
         raise ValueError(f"--{role} {path}: no such file or directory")
     try:
         return load_checkpoint(p, dtype=dtype, mesh=mesh)
+    except ValueError as e:  # the loaders' errors name the file and tensor
+        raise ValueError(f"--{role} {path}: {e}") from e
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"--{role} {path}: cannot load as a decoder-only causal LM ({type(e).__name__}: {e})") from e
 

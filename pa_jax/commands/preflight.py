@@ -172,6 +172,19 @@ def model_config(p: pathlib.Path, role: str):
         raise ValueError(f"--{role} {p}: cannot load as a decoder-only causal LM ({type(e).__name__}: {e})") from None
 
 
+def check_weight_files(p: pathlib.Path, role: str) -> None:
+    """Every safetensors shard is there, its header parses and every tensor lies inside the file (headers
+    only; a .gguf file's tensors were checked when its metadata was read)."""
+    if p.suffix == ".gguf":
+        return
+    from pa_jax.models.load import open_safetensors_dir
+
+    try:
+        open_safetensors_dir(p)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"--{role} {p}: {e}") from None
+
+
 def context_window(cfg) -> dict:
     """The number of positions a model was trained for: ``max_position_embeddings``, or, with a rope
     scaling that extends it (linear, dynamic, yarn, longrope, llama3), ``original_max_position_embeddings *
@@ -322,8 +335,10 @@ def check(args: argparse.Namespace, *, command: str, require: str | None) -> Che
 
     # checkpoints: configs, context windows, tokenizers, same model
     cfgs = {"policy": model_config(pol, "policy")}
+    check_weight_files(pol, "policy")
     if ref is not None:
         cfgs["reference"] = model_config(ref, "reference")
+        check_weight_files(ref, "reference")
     same = same_checkpoint(pol, ref) if ref is not None else None
     if same and same != "same path":
         note(notes, f"--reference {args.reference} is the --policy checkpoint ({same}): run once; progress "
