@@ -416,4 +416,4 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]):
     p = pathlib.Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"GGUF file not found: {p}")
-    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
