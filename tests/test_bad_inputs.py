@@ -171,7 +171,7 @@ def strict(tmp):
 
 
 def _check_default_context(tmp, res):
-    pf = res["preflight"]
+    pf = res["checks"]
     assert pf["max_length"] == 32 and pf["context_window"]["policy"]["positions"] == 32
     assert res["n_truncated"] >= 1 and all(t["kept_tokens"] == 32 for t in res["truncated"])
 
@@ -183,22 +183,22 @@ def _check_all_equal(tmp, res):
 
 
 def _check_dups_kept(tmp, res):
-    assert res["preflight"]["duplicates"][0]["task_id"] == "task0" and res["n_scored"] == 5
+    assert res["checks"]["duplicates"][0]["task_id"] == "task0" and res["n_scored"] == 5
 
 
 def _check_uneven(tmp, res):
-    g = res["preflight"]["groups"]
+    g = res["checks"]["groups"]
     assert g["expected_n"] == 2 and g["smaller_groups"] == {"task1": 1}
     assert res["metrics"]["progress_advantage/mean/mean"]["n_per_task"] == [1, 2]
 
 
 def _check_topk(tmp, res):
-    assert res["preflight"]["top_k"] == 22 and res["config"]["top_k"] == 22
+    assert res["checks"]["top_k"] == 22 and res["config"]["top_k"] == 22
 
 
 def _check_same_content(tmp, res):
     assert res["models"]["reference_is_policy"] and res["timing"]["models_run"] == 1
-    assert res["preflight"]["reference_is_policy"].startswith("same content")
+    assert res["checks"]["reference_is_policy"].startswith("same content")
 
 
 def _check_no_scorable(tmp, res):
@@ -283,7 +283,7 @@ CASES = [
          _check_default_context),
     Case("ctx_allow_beyond", lambda t: uq(good_sims(t), "--max-length", "40", "--allow-beyond-context",
                                           out=t / "r.json"), 0, r"beyond the 32-position context window",
-         lambda t, r: r["preflight"]["max_length_source"].startswith("explicit, beyond")),
+         lambda t, r: r["checks"]["max_length_source"].startswith("explicit, beyond")),
     Case("ctx_reference_smaller", lambda t: uq(good_sims(t), "--max-length", "32",
                                                reference=model_copy(t, REFERENCE, "ref16", {"max_position_embeddings": 16})),
          2, r"exceeds the context window of --reference .*ref16 \(16 positions"),

@@ -305,7 +305,7 @@ def base_results(args: argparse.Namespace, command: str, sc: Scored) -> dict:
         "truncated": truncated,
         "timing": sc.timing,
         "cache_dir": sc.cache_dir,
-        "preflight": sc.preflight,
+        "checks": sc.preflight,
     }
 
 

@@ -53,7 +53,7 @@ class Checked:
     trajectories: list[Trajectory]
     tokenizer: Any
     reference_is_policy: bool
-    record: dict = field(default_factory=dict)  # -> results["preflight"]
+    record: dict = field(default_factory=dict)  # -> results["checks"]
 
 
 def note(checked_notes: list[str], msg: str) -> None:
