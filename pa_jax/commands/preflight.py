@@ -229,27 +229,33 @@ def checkpoint_files(p: pathlib.Path) -> list[pathlib.Path]:
         "config.json", "model.safetensors.index.json")))
 
 
-def content_digest(p: pathlib.Path) -> str:
-    """SHA-256 over the checkpoint's files (name-independent: their sizes and contents, in name order)."""
+def same_content(a: list[pathlib.Path], b: list[pathlib.Path]) -> str | None:
+    """SHA-256 of the files' contents when the two lists hold byte-identical files (in order), else None.
+    The files are read side by side and the comparison stops at the first differing chunk, so two
+    different models of one architecture (equal sizes, different weights) cost a few reads, not a hash of
+    both."""
+    if [f.stat().st_size for f in a] != [f.stat().st_size for f in b]:
+        return None
     h = hashlib.sha256()
-    for f in checkpoint_files(p):
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
+    for fa, fb in zip(a, b):
+        with open(fa, "rb") as x, open(fb, "rb") as y:
+            while True:
+                ca, cb = x.read(1 << 22), y.read(1 << 22)
+                if ca != cb:
+                    return None
+                if not ca:
+                    break
+                h.update(ca)
         h.update(b"\0")
     return h.hexdigest()
 
 
 def same_checkpoint(a: pathlib.Path, b: pathlib.Path) -> str | None:
-    """Why ``a`` and ``b`` are the same model ('same path' / 'same content (sha256 ...)'), or None. The
-    content is hashed only when the files' sizes agree (different models cost nothing)."""
+    """Why ``a`` and ``b`` are the same model ('same path' / 'same content (sha256 ...)'), or None."""
     if a.resolve() == b.resolve():
         return "same path"
-    fa, fb = checkpoint_files(a), checkpoint_files(b)
-    if [f.stat().st_size for f in fa] != [f.stat().st_size for f in fb]:
-        return None
-    da, db = content_digest(a), content_digest(b)
-    return f"same content (sha256 {da[:16]})" if da == db else None
+    digest = same_content(checkpoint_files(a), checkpoint_files(b))
+    return f"same content (sha256 {digest[:16]})" if digest else None
 
 
 # ---------------------------------------------------------------------------------------------- data
