@@ -186,6 +186,9 @@ def prepare(args: argparse.Namespace, *, require: str | None, command: str = "sc
                              mesh=mesh, pad_id=int(pad), progress=progress)
     except (ValueError, OSError) as e:  # after the first forward: say how to resume
         raise type(e)(f"{e} ({preflight.resume_hint(args)})") from e
+    except BaseException:  # interrupted, out of memory, ...: the traceback stays, with the way back
+        print(f"pa-jax: scoring stopped; {preflight.resume_hint(args)}", file=sys.stderr)
+        raise
     finally:
         if bar is not None:
             bar.close()
