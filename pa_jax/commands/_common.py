@@ -185,7 +185,7 @@ def prepare(args: argparse.Namespace, *, require: str | None, command: str = "sc
         res = score_rendered(rendered, policy, reference, options=opts, cache_dir=args.cache, cache_meta=meta,
                              mesh=mesh, pad_id=int(pad), progress=progress)
     except (ValueError, OSError) as e:  # after the first forward: say how to resume
-        raise type(e)(f"{e} ({preflight.resume_hint(args)})") from e
+        raise (OSError if isinstance(e, OSError) else ValueError)(f"{e} ({preflight.resume_hint(args)})") from e
     except BaseException:  # interrupted, out of memory, ...: the traceback stays, with the way back
         print(f"pa-jax: scoring stopped; {preflight.resume_hint(args)}", file=sys.stderr)
         raise
