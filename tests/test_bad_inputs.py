@@ -432,6 +432,67 @@ CASES = [
 ]
 
 
+def _cached_run(t, corrupt):
+    """A first uq run filling --cache (results r0.json), then ``corrupt(key_dir)``; the argv of the rerun."""
+    argv = uq(good_sims(t), "--cache", str(t / "cache"))
+    assert main(argv + ["--out", str(t / "r0.json")]) == 0
+    (key_dir,) = (t / "cache").iterdir()
+    corrupt(key_dir)
+    return argv + ["--out", str(t / "r.json")]
+
+
+def _same_scores_as_first_run(t, res, repaired=True):
+    first = json.loads((t / "r0.json").read_text())
+    assert res["scores"] == first["scores"]
+    assert bool(res["checks"].get("cache_repairs")) == repaired
+    assert res["timing"]["batches_computed"] == (1 if repaired else 0)
+
+
+def _npz(key_dir):
+    return key_dir / "batch_00000.npz"
+
+
+def _rewrite_npz(key_dir, edit):
+    z = dict(np.load(_npz(key_dir)))
+    edit(z)
+    with open(_npz(key_dir), "wb") as f:
+        np.savez(f, **z)
+
+
+def _shorten(z):
+    k = next(k for k in z if k.endswith("/policy_logprob"))
+    z[k] = z[k][:-1]
+
+
+def _edit(z):
+    k = next(k for k in z if k.endswith("/reference_logprob"))
+    z[k] = z[k] + np.float32(0.5)
+
+
+def _stale_cache_temp(key_dir):
+    old = key_dir / "batch_00000.npz.abc123.tmp"
+    old.write_bytes(b"PK partial")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+
+
+CASES += [
+    # 6 / 7 / 9. the per-token cache: a batch that does not verify is recomputed, and the repair recorded
+    Case("cache_npz_truncated", lambda t: _cached_run(t, lambda d: truncated(_npz(d), 0.5)), 0,
+         r"batch_00000\.npz: .*recomputed", _same_scores_as_first_run),
+    Case("cache_npz_missing", lambda t: _cached_run(t, lambda d: _npz(d).unlink()), 0,
+         r"batch_00000\.npz: .*missing.*recomputed", _same_scores_as_first_run),
+    Case("cache_index_corrupt", lambda t: _cached_run(t, lambda d: (d / "index.json").write_text('{"done": ')), 0,
+         r"index\.json: .*starts afresh", _same_scores_as_first_run),
+    Case("cache_array_shortened", lambda t: _cached_run(t, lambda d: _rewrite_npz(d, _shorten)), 0,
+         r"batch_00000\.npz: .*recomputed", _same_scores_as_first_run),
+    Case("cache_array_edited", lambda t: _cached_run(t, lambda d: _rewrite_npz(d, _edit)), 0,
+         r"batch_00000\.npz: .*recomputed", _same_scores_as_first_run),
+    Case("cache_stale_temp_removed", lambda t: _cached_run(t, _stale_cache_temp), 0, r"scored 4 trajectories",
+         lambda t, r: (_same_scores_as_first_run(t, r, repaired=False),
+                       not list((t / "cache").glob("*/*.tmp")) or pytest.fail("stale temp left"))),
+]
+
+
 def _tok_differ(t):
     d = pathlib.Path(model_copy(t, REFERENCE, "r"))
     tj = json.loads((d / "tokenizer.json").read_text())
