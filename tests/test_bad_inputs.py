@@ -367,6 +367,8 @@ CASES = [
          r"sims\.json \[simulation 0\] message 0: not valid Unicode text \(lone surrogate '\\ud800'"),
     Case("surrogate_in_tool_name", lambda t: uq(_surrogate(t, "name")), 2,
          r"sims\.json \[simulation 0\] message 3: not valid Unicode text"),
+    Case("surrogate_in_task_id", lambda t: uq(sims_file(t, [sim(0, task="t\ud800")])), 2,
+         r"sims\.json \[simulation 0\]: task_id is not valid Unicode text \(lone surrogate '\\ud800'"),
     Case("gguf_truncated", lambda t: uq(good_sims(t), reference=None, policy=tiny_gguf(t)), 2,
          r"tiny\.gguf: not a readable GGUF file \(tensor 'output\.weight' ends at byte \d+ but the file has \d+ bytes"),
     Case("safetensors_truncated", lambda t: (truncated(pathlib.Path(model_copy(t)) / "model.safetensors", 0.5),

@@ -262,6 +262,12 @@ def same_checkpoint(a: pathlib.Path, b: pathlib.Path) -> str | None:
 def check_texts(trajs: list[Trajectory]) -> None:
     """Every message text encodes as UTF-8 (a lone surrogate from a '\\ud800' JSON escape does not)."""
     for t in trajs:
+        for name, value in (("id", t.id), ("task_id", t.task_id)):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"{t.source} [{t.item}]: {name} is not valid Unicode text (lone surrogate "
+                                f"{value[e.start:e.end]!r} at character {e.start})") from None
         for j, text in enumerate(message_texts(t)):
             try:
                 text.encode("utf-8")
