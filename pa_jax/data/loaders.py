@@ -161,9 +161,7 @@ def load_tau2(path: str | os.PathLike, *, trial: int | None = None, id_prefix: s
             item=f"simulation {i}", trial=t_trial, format="tau2",
         )
         _finish(traj, skipped, out)
-    ids = [t.id for t in out]
-    if len(set(ids)) != len(ids):  # repeated simulation ids in one file: use item positions
-        out = [t.replace(id=f"{id_prefix}sim{t.item.split()[-1]}") for t in out]
+    _unique_ids(out)
     return Dataset(out, skipped, [str(path)])
 
 
@@ -190,14 +188,19 @@ def load_tau_bench_v1(path: str | os.PathLike) -> Dataset:
             trial=trial, format="tau_bench_v1",
         )
         _finish(traj, skipped, out)
-    # a repeated (task, trial) keeps its id with a suffix ("3/trial0#2"): ids stay unique and readable; the
-    # repeat itself is refused (or kept and listed) by pa_jax.commands.preflight, not renamed away here
+    _unique_ids(out)
+    return Dataset(out, skipped, [str(path)])
+
+
+def _unique_ids(trajs: list[Trajectory]) -> None:
+    """A repeated id keeps its text with a suffix on the repeats (``3/trial0``, ``3/trial0#2``): ids stay
+    unique and readable, the others untouched. Whether a repeat is a duplicated rollout is decided (refused,
+    or kept and listed) by pa_jax.commands.preflight, not renamed away here."""
     seen: dict[str, int] = {}
-    for j, t in enumerate(out):
+    for j, t in enumerate(trajs):
         seen[t.id] = seen.get(t.id, 0) + 1
         if seen[t.id] > 1:
-            out[j] = t.replace(id=f"{t.id}#{seen[t.id]}")
-    return Dataset(out, skipped, [str(path)])
+            trajs[j] = t.replace(id=f"{t.id}#{seen[t.id]}")
 
 
 def _who_when_agent(role: str) -> str:
