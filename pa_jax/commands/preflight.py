@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
-import json
 import math
 import os
 import pathlib
@@ -429,11 +428,3 @@ def check(args: argparse.Namespace, *, command: str, require: str | None) -> Che
     }
     return Checked(ds, trajs, tok, bool(same), record)
 
-
-def results_json_ok(path: str) -> bool:
-    """True if ``path`` holds strict JSON (no NaN / Infinity tokens) -- a helper for tests and tools."""
-    try:
-        json.loads(pathlib.Path(path).read_text(), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
-        return True
-    except ValueError:
-        return False
