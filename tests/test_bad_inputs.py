@@ -477,7 +477,9 @@ def _stale_cache_temp(key_dir):
     os.utime(old, (time.time() - 3600, time.time() - 3600))
 
 
-CASES += [
+# NOT YET RUN: the cache side (checksums + shapes per batch, recompute what does not verify, record it) waits
+# for the scoring package split (branch arch-scoring); add these to CASES when it lands.
+PENDING_CACHE_CASES = [
     # 6 / 7 / 9. the per-token cache: a batch that does not verify is recomputed, and the repair recorded
     Case("cache_npz_truncated", lambda t: _cached_run(t, lambda d: truncated(_npz(d), 0.5)), 0,
          r"batch_00000\.npz: .*recomputed", _same_scores_as_first_run),
