@@ -22,8 +22,20 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def offline() -> None:
+    """No network, ever: the Hugging Face libraries read local files only (checkpoints and tokenizers are
+    local paths; pa_jax.commands.preflight refuses anything else before it could be taken for a hub id)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ[var] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None and hasattr(hub, "HF_HUB_OFFLINE"):  # already imported: its flag was read at import
+        hub.HF_HUB_OFFLINE = True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    offline()
     parser = argparse.ArgumentParser(prog="pa-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():

@@ -93,9 +93,14 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, dumps_strict(obj) + "\n")
 
 
-def remove_stale_temps(directory: str | os.PathLike, name: str | None = None) -> list[pathlib.Path]:
+def remove_stale_temps(directory: str | os.PathLike, name: str | None = None, *,
+                       min_age_s: float = 0.0) -> list[pathlib.Path]:
     """Delete temp files left by interrupted atomic writes in ``directory`` (``<name>.*.tmp``; every
-    ``*.tmp`` of this writer's pattern when ``name`` is None). Returns what was removed."""
+    ``*.tmp`` of this writer's pattern when ``name`` is None), only those last modified at least
+    ``min_age_s`` seconds ago (so a concurrent writer's temp file is left alone). Returns what was removed."""
+    import time
+
+    now = time.time()
     d = pathlib.Path(directory)
     if not d.is_dir():
         return []
@@ -104,6 +109,8 @@ def remove_stale_temps(directory: str | os.PathLike, name: str | None = None) ->
     for p in d.glob(pattern):
         if p.is_file():
             try:
+                if min_age_s and now - p.stat().st_mtime < min_age_s:
+                    continue
                 p.unlink()
                 removed.append(p)
             except FileNotFoundError:

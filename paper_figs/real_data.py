@@ -55,6 +55,7 @@ def load(path: str) -> dict:
             missing = [f for f in need if f not in m]
             if missing:
                 raise ValueError(f"{path}: metrics[{key!r}] lacks {missing}")
+    _nulls_to_nan(result["metrics"])
     return result
 
 
@@ -62,6 +63,24 @@ def _num(m: dict, field: str) -> float:
     """A metric as a float: NaN where it is absent or null (strict JSON writes an undefined value as null)."""
     v = m.get(field)
     return float("nan") if v is None else float(v)
+
+
+_METRIC_FIELDS = frozenset({"auroc", "spearman", "brier", "ece", "auroc_ci95", "spearman_ci95", "bon_success_rate",
+                            "bon_mean_reward", "pass_at_1", "oracle_pass_at_n", "step_accuracy", "within1_accuracy",
+                            "mae", "agent_accuracy"})
+
+
+def _nulls_to_nan(obj) -> None:
+    """Results are strict JSON: an undefined metric is null (its reason under "undefined"); the tables and
+    figures show it as nan."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k in _METRIC_FIELDS and v is None:
+                obj[k] = float("nan")
+            elif k in _METRIC_FIELDS and isinstance(v, list):
+                obj[k] = [float("nan") if x is None else x for x in v]
+            else:
+                _nulls_to_nan(v)
 
 
 def _family(key: str) -> str:

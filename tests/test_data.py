@@ -151,3 +151,25 @@ def test_unscorable_items_are_listed_not_dropped(tmp_path):
                                      "mistake_step": "5", "mistake_agent": "A"})
     ds = load(ww)
     assert len(ds) == 0 and "outside history of 2" in ds.skipped[0].reason
+
+
+def test_repeated_ids_keep_their_text_and_labels_are_checked(tmp_path):
+    """A repeated (task, trial) no longer renames every id of the file: only the repeat gets a suffix (the
+    repeat itself is refused by the CLI's preflight, tests/test_bad_inputs.py); non-finite rewards, non-integer
+    trials and malformed tool calls are refused naming file and item."""
+    item = lambda task, trial: {"task_id": task, "trial": trial, "reward": 1.0,  # noqa: E731
+                                "traj": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    ds = load(_write(tmp_path, "v1.json", [item(1, 0), item(1, 0), item(2, 0)]))
+    assert [t.id for t in ds.trajectories] == ["1/trial0", "1/trial0#2", "2/trial0"]
+    ds = load(_write(tmp_path, "t2.json", {"simulations": [_sim(0, "a"), _sim(0, "b"), _sim(1, "c")]}))
+    assert [t.id for t in ds.trajectories] == ["sim0", "sim0#2", "sim1"]
+    bad = _write(tmp_path, "nan.json", json.dumps({"simulations": [_sim(0, "a")]}).replace('"reward": 1.0', '"reward": NaN'))
+    with pytest.raises(DataError, match=r"nan.json simulation 0: reward must be a finite number"):
+        load(bad)
+    with pytest.raises(DataError, match=r"v1.json item 0: trial must be an integer, got 'x'"):
+        load(_write(tmp_path, "v1.json", [item(1, "x")]))
+    assert load(_write(tmp_path, "v1.json", [item(1, "3")])).trajectories[0].trial == 3
+    sim = _sim(0, "a")
+    sim["messages"][1]["tool_calls"] = [{"name": None, "arguments": {}}]
+    with pytest.raises(DataError, match=r"simulation 0 message 1 tool_call 0: tool call 'name' must be a non-empty"):
+        load(_write(tmp_path, "tc.json", {"simulations": [sim]}))

@@ -153,6 +153,27 @@ def uq_metrics(
         out["ece"] = expected_calibration_error(p, y, num_bins=num_bins)
     else:
         out["brier"] = out["ece"] = float("nan")
+    reasons = undefined_reasons(s, y, num_folds)
+    undefined = {k: v for k, v in reasons.items() if not np.all(np.isfinite(out[k]))}
+    if undefined:  # NaN metrics are written as null; this says why
+        out["undefined"] = undefined
+    return out
+
+
+def undefined_reasons(scores: np.ndarray, labels: np.ndarray, num_folds: int) -> dict[str, str]:
+    """Why a metric of ``uq_metrics`` is undefined (NaN, written as null in JSON), metric -> reason."""
+    n, k = len(labels), int(np.sum(labels))
+    out: dict[str, str] = {}
+    if k in (0, n):
+        why = (f"every one of the {n} trajectories is a {'success' if k == n else 'failure'}: AUROC, Spearman "
+               "and calibration need both successes and failures")
+        return {m: why for m in ("auroc", "spearman", "auroc_ci95", "spearman_ci95", "brier", "ece")}
+    if np.all(scores == scores[0]):
+        out["spearman"] = out["spearman_ci95"] = "the scores are all equal (no ranking)"
+    if n < num_folds:
+        out["brier"] = out["ece"] = f"{n} trajectories are fewer than the {num_folds} calibration folds"
+    out.setdefault("auroc_ci95", "no bootstrap resample had both classes")
+    out.setdefault("spearman_ci95", "no bootstrap resample had both classes and varying scores")
     return out
 
 

@@ -56,8 +56,14 @@ def add_common_arguments(p: argparse.ArgumentParser, *, token_agg: str = "mean",
     p.add_argument("--step-agg", type=_agg_list(STEP_AGGS), default=_agg_list(STEP_AGGS)(step_agg),
                    help=f"step aggregation(s): comma list of {STEP_AGGS} or 'all' (default {step_agg})")
     p.add_argument("--beta", type=float, default=1.0, help="progress advantage scale beta (default 1)")
-    p.add_argument("--max-length", type=int, default=16384,
-                   help="tokens per trajectory; longer ones keep their tail (reported per trajectory)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per trajectory; longer ones keep their tail (reported per trajectory). Default: "
+                        "the smaller context window of the two models; more is refused without --allow-beyond-context")
+    p.add_argument("--allow-beyond-context", action="store_true",
+                   help="allow a --max-length beyond a model's context window (max_position_embeddings)")
+    p.add_argument("--allow-duplicates", action="store_true",
+                   help="keep duplicated rollouts (same task and trial) as separate rollouts, listed in the "
+                        "results (default: refused)")
     p.add_argument("--out", default=None, help="results JSON (written atomically)")
     p.add_argument("--cache", default=None,
                    help="cache directory of per-token statistics (reused and resumed across runs)")
@@ -75,19 +81,6 @@ def add_common_arguments(p: argparse.ArgumentParser, *, token_agg: str = "mean",
     p.add_argument("--no-share-prefix", action="store_true", help="do not reuse a prefix shared by all trajectories")
     p.add_argument("--no-pack", action="store_true", help="do not pack short trajectories into one row")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def validate_args(args: argparse.Namespace) -> None:
-    if args.max_length is not None and args.max_length < 2:
-        raise ValueError(f"--max-length must be >= 2, got {args.max_length}")
-    if args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.beta <= 0:
-        raise ValueError(f"--beta must be > 0, got {args.beta}")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    if getattr(args, "tasks", None) is not None and args.tasks < 1:
-        raise ValueError(f"--tasks must be >= 1, got {args.tasks}")
 
 
 def resolve_dtype_arg(args: argparse.Namespace) -> None:
@@ -124,6 +117,7 @@ def config_dict(args: argparse.Namespace) -> dict:
 
 
 def write_results(path: str | None, obj: dict) -> None:
+    """Strict JSON (NaN/inf -> null), written atomically."""
     if path:
         from pa_jax.io import atomic_write_json
 
@@ -141,6 +135,8 @@ def load_model(path: str, *, dtype: str, mesh=None, role: str, base: str | None 
         raise ValueError(f"--{role} {path}: no such file or directory")
     try:
         return load_checkpoint(p, dtype=dtype, mesh=mesh, base=base)
+    except ValueError as e:  # the loaders' errors name the file and tensor
+        raise ValueError(f"--{role} {path}: {e}") from e
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"--{role} {path}: cannot load as a decoder-only causal LM ({type(e).__name__}: {e})") from e
 
@@ -175,33 +171,20 @@ class Scored:
     vocab_size: int
     timing: dict
     cache_dir: str | None
+    preflight: dict | None = None  # what pa_jax.commands.preflight established (context, notes, duplicates)
 
 
-def prepare(args: argparse.Namespace, *, require: str | None) -> Scored:
-    """Load, render, and score (both models) the trajectories named by ``args``."""
+def prepare(args: argparse.Namespace, *, require: str | None, command: str = "score") -> Scored:
+    """Check everything that can be checked before a model is loaded (pa_jax.commands.preflight), then
+    render and score (both models) the trajectories named by ``args``."""
     import jax
 
-    from pa_jax.data.tokenizers import check_tokenizers, load_tokenizer
+    from pa_jax.commands import preflight
     from pa_jax.scoring import ScoringOptions, model_identity, score_rendered
 
-    validate_args(args)
     resolve_dtype_arg(args)
-    ds = load(args.data)
-    if require:
-        ds = ds.require(require)
-    trajs = list(ds.trajectories)
-    if getattr(args, "tasks", None):
-        keep = list(dict.fromkeys(t.task_id for t in trajs))[: args.tasks]
-        trajs = [t for t in trajs if t.task_id in set(keep)]
-    if args.limit:
-        trajs = trajs[: args.limit]
-    if not trajs:
-        raise ValueError(f"--data {args.data}: no scorable trajectory ({len(ds.skipped)} skipped)")
-    policy_base = getattr(args, "policy_base", None)
-    tok = load_tokenizer(tokenizer_source(args.policy, policy_base, "policy"))
-    same = args.reference is not None and pathlib.Path(args.reference).resolve() == pathlib.Path(args.policy).resolve()
-    if args.reference is not None and not same:
-        check_tokenizers(tok, load_tokenizer(tokenizer_source(args.reference, None, "reference")))
+    pf = preflight.check(args, command=command, require=require)
+    ds, trajs, tok, same = pf.dataset, pf.trajectories, pf.tokenizer, pf.reference_is_policy
     t0 = time.perf_counter()
     rendered = [render(t, tok, rendering=args.rendering, max_length=args.max_length) for t in trajs]
     t_render = time.perf_counter() - t0
@@ -241,6 +224,11 @@ def prepare(args: argparse.Namespace, *, require: str | None) -> Scored:
     try:
         res = score_rendered(rendered, policy, reference, options=opts, cache_dir=args.cache, cache_meta=meta,
                              mesh=mesh, pad_id=int(pad), progress=progress)
+    except (ValueError, OSError) as e:  # after the first forward: say how to resume
+        raise (OSError if isinstance(e, OSError) else ValueError)(f"{e} ({preflight.resume_hint(args)})") from e
+    except BaseException:  # interrupted, out of memory, ...: the traceback stays, with the way back
+        print(f"pa-jax: scoring stopped; {preflight.resume_hint(args)}", file=sys.stderr)
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -256,7 +244,8 @@ def prepare(args: argparse.Namespace, *, require: str | None) -> Scored:
         stats = [dataclasses.replace(s, reference_logprob=s.policy_logprob, reference_entropy=s.policy_entropy,
                                      kl=np.zeros_like(s.policy_logprob)) for s in stats]
     vocab = int(policy[1].unembedding().shape[0])
-    return Scored(ds, trajs, rendered, stats, args.reference is not None, same, vocab, timing, res.cache_dir)
+    return Scored(ds, trajs, rendered, stats, args.reference is not None, same, vocab, timing, res.cache_dir,
+                  pf.record)
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -352,6 +341,7 @@ def base_results(args: argparse.Namespace, command: str, sc: Scored) -> dict:
         "truncated": truncated,
         "timing": sc.timing,
         "cache_dir": sc.cache_dir,
+        "checks": sc.preflight,
     }
 
 

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     X.check(args)
     preset = X.apply_preset(args)
-    sc = C.prepare(args, require="reward")
+    sc = C.prepare(args, require="reward", command="bon")
     tasks = [t.task_id for t in sc.trajectories]
     trials = [t.trial if t.trial is not None else i for i, t in enumerate(sc.trajectories)]
     rewards = np.array([t.reward for t in sc.trajectories], np.float64)

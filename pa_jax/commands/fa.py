@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
     X.check(args)
     preset = X.apply_preset(args)
-    sc = C.prepare(args, require="mistake_step")
+    sc = C.prepare(args, require="mistake_step", command="fa")
     extras = X.load_extras(args, sc)
     bad = [e.name for e in extras if e.step_scores is None]
     if bad:

@@ -8,9 +8,11 @@ written as lines with ``"skipped": reason``.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import pathlib
 
 from pa_jax.commands import _common as C
-from pa_jax.io import atomic_write_text, dumps_strict
+from pa_jax.io import atomic_write_bytes, atomic_write_text, dumps_strict
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    sc = C.prepare(args, require=None)
+    sc = C.prepare(args, require=None, command="score")
     traj_scores = C.trajectory_method_scores(sc, args.token_agg, args.step_agg, args.beta)
     steps = C.step_method_scores(sc, args.token_agg[0], args.beta)
     lines = []
@@ -38,10 +40,15 @@ def run(args: argparse.Namespace) -> int:
         })
     for s in sc.dataset.skipped:
         lines.append({"skipped": s.reason, "source": s.source, "item": s.item})
-    text = "".join(dumps_strict(x, indent=None) + "\n" for x in lines)  # NaN -> null
+    text = "".join(dumps_strict(x, indent=None) + "\n" for x in lines)
     path = args.jsonl or (args.out[: -len(".json")] + ".jsonl" if args.out and args.out.endswith(".json") else None)
+    # the pair stays consistent: the old --out (the manifest) goes first, the .jsonl is replaced, and the new
+    # --out, naming the .jsonl's SHA-256 and line count, is written last; a run killed in between leaves a
+    # .jsonl without a manifest, never a new .jsonl next to an old manifest
+    if args.out and path:
+        pathlib.Path(args.out).unlink(missing_ok=True)
     if path:
-        atomic_write_text(path, text)
+        atomic_write_bytes(pathlib.Path(path), text.encode())
     else:
         print(text, end="")
     if args.per_token:
@@ -49,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     res = C.base_results(args, "score", sc)
     res["jsonl"] = path
     res["per_token"] = args.per_token
+    if path:
+        res["jsonl_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+        res["jsonl_lines"] = len(lines)
     C.write_results(args.out, res)
     if path:
         print(C.table([[k, float(v.mean()), float(v.min()), float(v.max())] for k, v in traj_scores.items()],
@@ -60,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _write_per_token(path: str, sc, beta: float) -> None:
     from pa_jax.apps.per_token import per_token_record, scored_token_ids
-    from pa_jax.io import atomic_write_text, dumps_strict
+    from pa_jax.io import atomic_write_bytes, atomic_write_text, dumps_strict
 
     lines = []
     for t, r, st in zip(sc.trajectories, sc.rendered, sc.stats):

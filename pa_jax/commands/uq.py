@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     X.check(args)
     preset = X.apply_preset(args)
-    sc = C.prepare(args, require="reward")
+    sc = C.prepare(args, require="reward", command="uq")
     labels = np.array([bool(t.success) for t in sc.trajectories], np.int64)
     scores = C.trajectory_method_scores(sc, args.token_agg, args.step_agg, args.beta)
     extras = X.load_extras(args, sc)
@@ -53,5 +53,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(labels)} trajectories, {int(labels.sum())} successes")
     if args.heldout_folds:
         X.print_selection(res["selection"], C.table, "AUROC")
+    if labels.sum() in (0, len(labels)):
+        print(f"note: metrics undefined (null in the results): {uq.undefined_reasons(labels, labels, 2)['auroc']}")
     C.print_footer(sc, args.out)
     return 0

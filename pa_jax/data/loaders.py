@@ -10,6 +10,7 @@ score`` needs none): the applications call ``Dataset.require("reward" | "mistake
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import re
@@ -55,11 +56,39 @@ def _content(msg: dict, where: str) -> str:
 
 
 def _reward(v: Any, where: str) -> float | None:
+    """A reward label: None (absent) or a finite number (JSON's NaN / Infinity tokens are refused: a NaN
+    reward would count as a failure and +inf as a success without anyone noticing)."""
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise DataError(f"{where}: reward must be a number, got {v!r}")
+    if not math.isfinite(v):
+        raise DataError(f"{where}: reward must be a finite number, got {v!r}")
     return float(v)
+
+
+def _trial(v: Any, where: str) -> int | None:
+    """A trial index: None (absent), an integer or a string holding one (refused otherwise)."""
+    if v is None:
+        return None
+    if isinstance(v, bool) or isinstance(v, float) and not v.is_integer():
+        raise DataError(f"{where}: trial must be an integer, got {v!r}")
+    try:
+        return int(str(v).strip()) if isinstance(v, str) else int(v)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: trial must be an integer, got {v!r}") from None
+
+
+def _tool_call(name: Any, args: Any, where: str) -> ToolCall:
+    """A tool call: the name a non-empty string; the arguments an object, a JSON string of one, or absent."""
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{where}: tool call 'name' must be a non-empty string, got {name!r}")
+    raw = args if isinstance(args, str) else None  # kept verbatim: the authors' rendering prints the string
+    args = _parse_args(args)
+    if args is not None and not isinstance(args, (dict, str)):
+        raise DataError(f"{where}: tool call 'arguments' must be an object or a JSON string, got "
+                        f"{type(args).__name__} {args!r:.60}")
+    return ToolCall(name, args if args is not None else {}, raw)
 
 
 def _parse_args(args: Any) -> Any:
@@ -85,15 +114,13 @@ def _tau_messages(raw: Any, where: str, *, openai_tool_calls: bool) -> tuple[Mes
             wk = f"{w} tool_call {k}"
             if not tc:
                 continue
+            if not isinstance(tc, dict):
+                raise DataError(f"{wk}: expected a JSON object, got {type(tc).__name__}")
             if openai_tool_calls and "function" in tc:
                 fn = _field(tc, "function", wk, dict)
-                raw = fn.get("arguments", {})
-                calls.append(ToolCall(str(_field(fn, "name", wk)), _parse_args(raw),
-                                      raw if isinstance(raw, str) else None))
+                calls.append(_tool_call(_field(fn, "name", wk), fn.get("arguments", {}), wk))
             else:
-                raw = tc.get("arguments", {})
-                calls.append(ToolCall(str(_field(tc, "name", wk)), _parse_args(raw),
-                                      raw if isinstance(raw, str) else None))
+                calls.append(_tool_call(_field(tc, "name", wk), tc.get("arguments", {}), wk))
         out.append(Message(role=role, content=_content(m, w), tool_calls=tuple(calls)))
     return tuple(out)
 
@@ -126,18 +153,16 @@ def load_tau2(path: str | os.PathLike, *, trial: int | None = None, id_prefix: s
         msgs = _tau_messages(_field(sim, "messages", where), where, openai_tool_calls=False)
         ri = sim.get("reward_info")
         reward = _reward(ri.get("reward") if isinstance(ri, dict) else None, where)
-        t_trial = trial if trial is not None else sim.get("trial")
+        t_trial = trial if trial is not None else _trial(sim.get("trial"), where)
         sid = str(sim.get("id", i))
         traj = Trajectory(
             id=f"{id_prefix}{sid}", task_id=str(_field(sim, "task_id", where)), messages=msgs,
             action_mask=_tau_action_mask(msgs), reward=reward,
             success=None if reward is None else reward >= 1.0, source=str(path),
-            item=f"simulation {i}", trial=None if t_trial is None else int(t_trial), format="tau2",
+            item=f"simulation {i}", trial=t_trial, format="tau2",
         )
         _finish(traj, skipped, out)
-    ids = [t.id for t in out]
-    if len(set(ids)) != len(ids):  # repeated simulation ids in one file: use item positions
-        out = [t.replace(id=f"{id_prefix}sim{t.item.split()[-1]}") for t in out]
+    _unique_ids(out)
     return Dataset(out, skipped, [str(path)])
 
 
@@ -156,18 +181,27 @@ def load_tau_bench_v1(path: str | os.PathLike) -> Dataset:
         msgs = _tau_messages(_field(x, "traj", where), where, openai_tool_calls=True)
         reward = _reward(x.get("reward"), where)
         task_id = str(_field(x, "task_id", where))
-        trial = x.get("trial")
+        trial = _trial(x.get("trial"), where)
         traj = Trajectory(
             id=f"{task_id}/trial{trial}" if trial is not None else f"item{i}", task_id=task_id,
             messages=msgs, action_mask=_tau_action_mask(msgs), reward=reward,
             success=None if reward is None else reward >= 1.0, source=str(path), item=f"item {i}",
-            trial=None if trial is None else int(trial), format="tau_bench_v1",
+            trial=trial, format="tau_bench_v1",
         )
         _finish(traj, skipped, out)
-    ids = [t.id for t in out]
-    if len(set(ids)) != len(ids):  # duplicate (task, trial) pairs: fall back to item indices
-        out = [t.replace(id=f"item{t.item.split()[-1]}") for t in out]
+    _unique_ids(out)
     return Dataset(out, skipped, [str(path)])
+
+
+def _unique_ids(trajs: list[Trajectory]) -> None:
+    """A repeated id keeps its text with a suffix on the repeats (``3/trial0``, ``3/trial0#2``): ids stay
+    unique and readable, the others untouched. Whether a repeat is a duplicated rollout is decided (refused,
+    or kept and listed) by pa_jax.commands.preflight, not renamed away here."""
+    seen: dict[str, int] = {}
+    for j, t in enumerate(trajs):
+        seen[t.id] = seen.get(t.id, 0) + 1
+        if seen[t.id] > 1:
+            trajs[j] = t.replace(id=f"{t.id}#{seen[t.id]}")
 
 
 def _who_when_agent(role: str) -> str:
@@ -276,6 +310,8 @@ def load_best_of_n(path: str | os.PathLike, domain: str | None = None) -> Datase
     parts = []
     for i, d in trials:
         files = sorted(d.glob("*.json")) if domain is None else [d / f"{domain}.json"]
+        if not files:  # an empty trial would silently turn best-of-N into best-of-fewer
+            raise DataError(f"{d}: best-of-N trial directory holds no *.json file (remove it or fill it)")
         for f in files:
             if not f.exists():
                 raise DataError(f"{f}: missing (best-of-N trial {i}, domain {domain!r})")

@@ -146,13 +146,28 @@ def _field_value(field: Any) -> Any:
 
 
 def _reader(path: str | os.PathLike[str]):
-    from gguf import GGUFReader
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    class CheckedReader(GGUFReader):
+        """GGUFReader that names the first tensor lying past the end of the file (a truncated copy)
+        instead of failing inside NumPy with a reshape error."""
+
+        def _build_tensors(self, start_offs, fields):
+            size = len(self.data)
+            for field in fields:
+                _, name, _, dims, raw_dtype, offset = field.parts
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(raw_dtype[0])]
+                end = int(start_offs + offset[0]) + int(np.prod(dims)) * type_size // block
+                if end > size:
+                    raise ValueError(f"tensor {bytes(name).decode('utf-8', 'replace')!r} ends at byte {end} but "
+                                     f"the file has {size} bytes (truncated file? copy or download it again)")
+            super()._build_tensors(start_offs, fields)
 
     p = pathlib.Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"GGUF file not found: {p}")
     try:
-        return GGUFReader(str(p))
+        return CheckedReader(str(p))
     except Exception as exc:  # noqa: BLE001 - re-raised with the file name
         raise ValueError(f"{p}: not a readable GGUF file ({exc})") from exc
 
@@ -401,4 +416,4 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]):
     p = pathlib.Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"GGUF file not found: {p}")
-    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)

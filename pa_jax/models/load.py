@@ -116,6 +116,7 @@ def open_safetensors_file(file: str | os.PathLike) -> dict[str, SafetensorsTenso
     """Mapping key -> lazy tensor of one .safetensors file (nothing read but the header)."""
     file = pathlib.Path(file)
     header, start = read_safetensors_header(file)
+    size = file.stat().st_size
     out = {}
     for key, info in header.items():
         if key == "__metadata__":
@@ -124,6 +125,9 @@ def open_safetensors_file(file: str | os.PathLike) -> dict[str, SafetensorsTenso
         if dt not in _ST_DTYPES:
             raise ValueError(f"{file}: tensor {key!r} has unsupported dtype {dt!r}")
         b, e = info["data_offsets"]
+        if start + e > size:
+            raise ValueError(f"{file}: tensor {key!r} ends at byte {start + e} but the file has {size} bytes "
+                             "(truncated file? copy or download it again)")
         out[key] = SafetensorsTensor(file, key, start, b, e, _ST_DTYPES[dt], info["shape"])
     return out
 
@@ -260,8 +264,18 @@ def load_from_tensors(
             arr = S.array_from_slices(shapes[name], target, sharding, tensor.read)
         else:
             arr = jax.device_put(np.asarray(tensor.read()).astype(target))
+        _check_finite(arr, plan[name], tensor)
         var.set_value(arr)
     return nnx.merge(graphdef, state)
+
+
+def _check_finite(arr: jax.Array, key: str, tensor: Any) -> None:
+    """Refuse a parameter holding NaN or inf as it loads (naming the file and tensor), rather than
+    scoring every trajectory to NaN."""
+    if jnp.issubdtype(arr.dtype, jnp.floating) and not bool(jnp.isfinite(arr).all()):
+        n = int((~jnp.isfinite(arr)).sum())
+        src = getattr(tensor, "file", None) or getattr(getattr(tensor, "_owner", None), "path", None) or "checkpoint"
+        raise ValueError(f"{src}: tensor {key!r} holds {n} non-finite value(s) (NaN/inf): corrupt weights")
 
 
 def _default_sharding_fn(mesh) -> ShardingFn:
