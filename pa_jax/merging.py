@@ -94,7 +94,7 @@ def check_alpha(alpha: Any, name: str = "alpha") -> float:
     except (TypeError, ValueError):
         raise ValueError(f"{name}={alpha!r}: expected a number") from None
     if isinstance(alpha, bool) or not math.isfinite(a) or abs(a) > ALPHA_BOUND:
-        raise ValueError(f"{name}={alpha!r}: expected a finite number with |{name}| <= {ALPHA_BOUND:g}")
+        raise ValueError(f"{name}={alpha!r}: expected a finite number with |alpha| <= {ALPHA_BOUND:g}")
     return a
 
 
@@ -124,7 +124,10 @@ def parse_merge_spec(spec: str) -> tuple[str, list[float]]:
     parts = [p.strip() for p in rest.split(",")]
     if not parts or any(p == "" for p in parts):
         raise ValueError(f"--reference-merge {spec!r}: empty alpha in the list {rest!r}")
-    alphas = [check_alpha(p, name=f"alpha {p!r} in --reference-merge") for p in parts]
+    try:
+        alphas = [check_alpha(p) for p in parts]
+    except ValueError as e:
+        raise ValueError(f"--reference-merge {spec!r}: {e}") from None
     if len(set(alphas)) != len(alphas):
         raise ValueError(f"--reference-merge {spec!r}: repeated alpha")
     return method, alphas
