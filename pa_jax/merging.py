@@ -163,18 +163,44 @@ def magnitude_keep_count(n: int, density: float) -> int:
     return max(1, int(density * n))
 
 
+def _on_host(x) -> bool:
+    """NumPy arrays and JAX arrays living on CPU devices (host memory)."""
+    return not isinstance(x, jax.Array) or all(d.platform == "cpu" for d in x.sharding.device_set)
+
+
 @functools.partial(jax.jit, static_argnums=1)
+def _kth_smallest_sorted(mag, index: int):
+    return jnp.sort(mag.reshape(-1))[index]
+
+
+@jax.jit
+def _keep_at_least(tau, thr):
+    return jnp.where(jnp.abs(tau) >= thr, tau, jnp.zeros_like(tau))
+
+
+def magnitude_threshold(tau, density: float):
+    """t_k, the k-th largest |tau| with k = max(1, floor(density n)); 0 when every entry is kept."""
+    n = int(np.prod(tau.shape))
+    k = magnitude_keep_count(n, check_density(density))
+    if k >= n:
+        return np.float32(0.0)
+    if _on_host(tau):
+        mag = np.abs(np.asarray(jax.device_get(tau), np.float32)).reshape(-1)
+        thr = np.float32(np.partition(mag, n - k)[n - k])
+        del mag
+        return thr
+    return _kth_smallest_sorted(jnp.abs(tau), n - k)
+
+
 def magnitude_trim(tau, density: float):
     """TIES trim (Yadav et al. 2023, step 1): keep the k = max(1, floor(density n)) largest |tau| entries
     of the tensor, zero the rest. Entries tied with the k-th largest magnitude are all kept (threshold
-    ``|tau| >= t_k``, as the authors' kthvalue threshold)."""
+    ``|tau| >= t_k``, as the authors' kthvalue threshold). t_k is found by selection (``np.partition``,
+    O(n)) for arrays in host memory and by a sort on accelerators."""
     n = int(np.prod(tau.shape))
-    k = magnitude_keep_count(n, density)
-    if k >= n:
+    if magnitude_keep_count(n, check_density(density)) >= n:
         return tau
-    mag = jnp.abs(tau)
-    thr = jnp.sort(mag.reshape(-1))[n - k]
-    return jnp.where(mag >= thr, tau, jnp.zeros_like(tau))
+    return _keep_at_least(_dev(tau), magnitude_threshold(tau, density))
 
 
 def dare_key(seed: int, name: str, member: int = 0) -> jax.Array:
@@ -195,40 +221,72 @@ def dare_drop(tau, key, density: float, rescale: bool = True):
     return out / density if rescale else out
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def sign_consensus(deltas, normalize: bool):
-    """TIES elect + disjoint merge over stacked task vectors ``deltas`` [M, ...]:
+def sign_consensus(deltas: Sequence, normalize: bool):
+    """TIES elect + disjoint merge of task vectors ``deltas`` (a sequence of same-shape arrays):
     s = +1 where sum_i delta_i >= 0 else -1 (sign of the summed mass); agree_i = [sign(delta_i) == s]
     (zeros never agree); merged = sum_i agree_i delta_i, divided by max(1, sum_i agree_i) when
-    ``normalize`` (TIES' disjoint mean; the DARE-TIES form sums)."""
-    s = jnp.where(deltas.sum(0) >= 0, 1.0, -1.0).astype(deltas.dtype)
-    agree = jnp.sign(deltas) == s
-    mixed = jnp.where(agree, deltas, 0).sum(0)
-    if normalize:
-        mixed = mixed / jnp.maximum(agree.sum(0), 1).astype(deltas.dtype)
-    return mixed
+    ``normalize`` (TIES' disjoint mean; the DARE-TIES form sums). Elementwise over members (no stacked
+    [M, ...] array), so under jit it fuses into one pass."""
+    s = jnp.where(functools.reduce(jnp.add, deltas) >= 0, 1.0, -1.0).astype(deltas[0].dtype)
+    mixed = jnp.zeros_like(deltas[0])
+    count = jnp.zeros_like(deltas[0])
+    for d in deltas:
+        agree = jnp.sign(d) == s
+        mixed = mixed + jnp.where(agree, d, 0)
+        count = count + agree
+    return mixed / jnp.maximum(count, 1) if normalize else mixed
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def emr_elect_mask(taus, target: int):
-    """EMR (Huang et al. 2024) elect + mask over stacked task vectors ``taus`` [M, ...]:
+def emr_elect_mask(taus: Sequence, target: int):
+    """EMR (Huang et al. 2024) elect + mask over task vectors ``taus`` (same-shape arrays):
     s = +1 where sum_i tau_i > 0 else -1; tau_uni = s * max_i(|tau_i| * [tau_i s > 0]) (the largest
     magnitude among members agreeing with s); the target's effective vector M_t * tau_uni with
     M_t = [tau_target s > 0]. Returns M_t * tau_uni (before EMR's rescale lambda)."""
-    s = jnp.where(taus.sum(0) > 0, 1.0, -1.0).astype(taus.dtype)
-    agree = taus * s > 0
-    uni = jnp.max(jnp.where(agree, jnp.abs(taus), 0), axis=0) * s
-    eff = jnp.where(taus[target] * s > 0, uni, 0)
-    return eff
+    s = jnp.where(functools.reduce(jnp.add, taus) > 0, 1.0, -1.0).astype(taus[0].dtype)
+    uni = jnp.zeros_like(taus[0])
+    for t in taus:
+        uni = jnp.maximum(uni, jnp.where(t * s > 0, jnp.abs(t), 0))
+    return jnp.where(taus[target] * s > 0, uni * s, 0)
 
 
-def emr_rescale_terms(tau_target, effective, norm: str) -> tuple[float, float]:
-    """One tensor's (numerator, denominator) of EMR's lambda = num / den:
-    ``tensor_mean`` (authors): (mean |tau_target|, mean |effective|), summed over tensors;
-    ``element_sum`` (EMR paper): (sum |tau_target|, sum |effective|), summed over tensors."""
-    if norm == "tensor_mean":
-        return float(jnp.mean(jnp.abs(tau_target))), float(jnp.mean(jnp.abs(effective)))
-    return float(jnp.sum(jnp.abs(tau_target))), float(jnp.sum(jnp.abs(effective)))
+@functools.partial(jax.jit, static_argnames=("sparsify", "consensus", "normalize", "density", "rescale"))
+def gta_tau(base, members, thresholds, keys, *, sparsify, consensus, normalize, density, rescale):
+    """One tensor's merged tau for ties / dare_linear / dare_ties (the authors' ``_gta_vector``), fused:
+    tau_i = member_i - base (float32); sparsify ``"magnitude"``: tau_i [|tau_i| >= thresholds[i]]
+    (see :func:`magnitude_trim`), ``"random"``: DARE's keep mask from ``keys[i]`` (see :func:`dare_drop`),
+    None: untouched; divided by density when ``rescale``; then :func:`sign_consensus` (``consensus``)
+    or the plain sum (divided by the member count when ``normalize``)."""
+    deltas = []
+    for i, m in enumerate(members):
+        t = m.astype(jnp.float32) - base.astype(jnp.float32)
+        if sparsify == "magnitude":
+            t = jnp.where(jnp.abs(t) >= thresholds[i], t, 0)
+        elif sparsify == "random":
+            t = jnp.where(jax.random.uniform(keys[i], t.shape, jnp.float32) < density, t, 0)
+        if sparsify is not None and rescale:
+            t = t / density
+        deltas.append(t)
+    if consensus:
+        return sign_consensus(deltas, normalize)
+    total = functools.reduce(jnp.add, deltas)
+    return total / len(deltas) if normalize else total
+
+
+@functools.partial(jax.jit, static_argnames=("target",))
+def emr_tensor(base, members, *, target):
+    """One tensor's EMR pieces, fused: (M_t tau_uni, sum |tau_target|, sum |M_t tau_uni|) with
+    tau_i = member_i - base in float32 (see :func:`emr_elect_mask`)."""
+    taus = [m.astype(jnp.float32) - base.astype(jnp.float32) for m in members]
+    eff = emr_elect_mask(taus, target)
+    return eff, jnp.sum(jnp.abs(taus[target])), jnp.sum(jnp.abs(eff))
+
+
+def emr_rescale_terms(sum_abs_target, sum_abs_effective, size: int, norm: str) -> tuple[float, float]:
+    """One tensor's (numerator, denominator) of EMR's lambda = sum over tensors of num / sum of den:
+    ``tensor_mean`` (authors): (mean |tau_target|, mean |M_t tau_uni|);
+    ``element_sum`` (EMR paper): (sum |tau_target|, sum |M_t tau_uni|)."""
+    n = float(size) if norm == "tensor_mean" else 1.0
+    return float(sum_abs_target) / n, float(sum_abs_effective) / n
 
 
 # -------------------------------------------------------------------------------------- pytrees
@@ -400,24 +458,21 @@ class MergeOptions:
 
 
 def _gta_tensor(name: str, base, members: Sequence, opts: MergeOptions):
-    """Merged tau of one float tensor for ties / dare_linear / dare_ties (authors' ``_gta_vector``)."""
+    """Merged tau (float32) of one float tensor for ties / dare_linear / dare_ties: TIES thresholds by
+    selection on the host (:func:`magnitude_trim`'s), DARE keys from (seed, name, member), then
+    :func:`gta_tau`."""
     sparsify, consensus, normalize, _ = _GTA[opts.method]
-    rescale = opts.effective_rescale
-    deltas = []
-    for i, m in enumerate(members):
-        t = task_vector(_dev(m), _dev(base))
-        if opts.density < 1.0:
-            if sparsify == "magnitude":
-                t = magnitude_trim(t, opts.density)
-                if rescale:
-                    t = t / opts.density
-            else:
-                t = dare_drop(t, dare_key(opts.seed, name, i), opts.density, rescale)
-        deltas.append(t)
-    if consensus:
-        return sign_consensus(jnp.stack(deltas), normalize)
-    total = functools.reduce(jnp.add, deltas)
-    return total / len(deltas) if normalize else total
+    base = _dev(base)
+    members = tuple(_dev(m) for m in members)
+    if opts.density >= 1.0:
+        sparsify = None
+    thresholds = keys = None
+    if sparsify == "magnitude":
+        thresholds = tuple(magnitude_threshold(task_vector(m, base), opts.density) for m in members)
+    elif sparsify == "random":
+        keys = tuple(dare_key(opts.seed, name, i) for i in range(len(members)))
+    return gta_tau(base, members, thresholds, keys, sparsify=sparsify, consensus=consensus, normalize=normalize,
+                   density=opts.density, rescale=opts.effective_rescale)
 
 
 @dataclasses.dataclass
@@ -537,9 +592,8 @@ def _merge_taus(base: Mapping[str, Any], members: Sequence[Mapping[str, Any]], t
             if not _is_float(b):
                 tau[name] = None
                 continue
-            taus = jnp.stack([task_vector(_dev(m[name]), _dev(b)) for m in members])
-            eff = emr_elect_mask(taus, target)
-            n_, d_ = emr_rescale_terms(taus[target], eff, opts.emr_norm)
+            eff, st, se = emr_tensor(_dev(b), tuple(_dev(m[name]) for m in members), target=target)
+            n_, d_ = emr_rescale_terms(st, se, int(np.prod(b.shape)), opts.emr_norm)
             num, den = num + n_, den + d_
             tau[name] = eff
         lam = num / den if den > 0 else 1.0
@@ -631,6 +685,43 @@ _COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.
                  "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
 
 
+def write_safetensors_streaming(
+    file, specs: Mapping[str, tuple[tuple[int, ...], Any]], produce: Callable[[str], np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a .safetensors file whose tensors are produced one at a time, in sorted name order:
+    ``specs[name] = (shape, dtype)`` makes the header, ``produce(name)`` the data (checked against the
+    spec, then released). Atomic (``pa_jax.io.atomic_write_bytes``): a reader never sees a partial file."""
+    from pa_jax import io as pio
+    from pa_jax.models.load import _ST_NAMES
+
+    names = sorted(specs)
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name in names:
+        shape, dt = tuple(int(d) for d in specs[name][0]), np.dtype(specs[name][1])
+        if dt not in _ST_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {dt} cannot be written to safetensors")
+        n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        header[name] = {"dtype": _ST_NAMES[dt], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+
+    def write(f):
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            arr = np.ascontiguousarray(produce(name))
+            want = (tuple(header[name]["shape"]), np.dtype(specs[name][1]))
+            if (arr.shape, arr.dtype) != want:
+                raise ValueError(f"tensor {name!r}: produced {arr.shape} {arr.dtype}, header says {want[0]} {want[1]}")
+            f.write(arr.tobytes())
+            del arr
+
+    pio.atomic_write_bytes(file, write)
+
+
 def merge_checkpoints(
     reference,
     policy,
@@ -654,7 +745,6 @@ def merge_checkpoints(
     sources twice (its lambda sums over all tensors). Same equations as :func:`merged_delta` (the same
     per-tensor functions); directories must share config architecture fields, tensor names and shapes."""
     from pa_jax import io as pio
-    from pa_jax.models.load import _ST_NAMES
 
     a = check_alpha(alpha)
     opts = MergeOptions(method, density, seed, rescale, emr_norm)
@@ -692,11 +782,10 @@ def merge_checkpoints(
             b = base_t[name]
             if not _is_float(b):
                 continue
-            bj = jnp.asarray(b.read())
-            taus = jnp.stack([task_vector(jnp.asarray(m[name].read()), bj) for m in members])
-            n_, d_ = emr_rescale_terms(taus[target], emr_elect_mask(taus, target), opts.emr_norm)
+            _, st, se = emr_tensor(jnp.asarray(b.read()), tuple(jnp.asarray(m[name].read()) for m in members),
+                                   target=target)
+            n_, d_ = emr_rescale_terms(st, se, int(np.prod(b.shape)), opts.emr_norm)
             num, den = num + n_, den + d_
-            del bj, taus
         lam = num / den if den > 0 else 1.0
         info["emr_lambda"] = lam
 
@@ -709,36 +798,19 @@ def merge_checkpoints(
         if method == "linear":
             r = lerp(bj, jnp.asarray(members[0][name].read()), a)
         elif method == "emr":
-            taus = jnp.stack([task_vector(jnp.asarray(m[name].read()), bj) for m in members])
-            tau = (emr_elect_mask(taus, target) * jnp.float32(lam)).astype(bj.dtype)
-            r = add_scaled(bj, tau, a)
+            eff, _, _ = emr_tensor(bj, tuple(jnp.asarray(m[name].read()) for m in members), target=target)
+            r = add_scaled(bj, (eff * jnp.float32(lam)).astype(bj.dtype), a)
+            del eff
         else:
-            tau = _gta_tensor(name, bj, [m[name].read() for m in members], opts).astype(bj.dtype)
+            tau = _gta_tensor(name, bj, [jnp.asarray(m[name].read()) for m in members], opts).astype(bj.dtype)
             r = add_scaled(bj, tau, a)
         return np.asarray(jax.device_get(r))
 
     meta = {"format": "pt", "pa_jax_merge": json.dumps(info, sort_keys=True)}
-    header: dict[str, Any] = {"__metadata__": meta}
-    offset = 0
-    for name in names:
-        t = base_t[name]
-        dt = np.dtype(t.dtype)
-        n = int(np.prod(t.shape, dtype=np.int64)) * dt.itemsize
-        header[name] = {"dtype": _ST_NAMES[dt], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-
-    def write(f):
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name in names:
-            arr = merged_tensor(name)
-            f.write(np.ascontiguousarray(arr).tobytes())
-            del arr
-
     out_p.mkdir(parents=True, exist_ok=True)
-    pio.atomic_write_bytes(out_p / "model.safetensors", write)
+    write_safetensors_streaming(
+        out_p / "model.safetensors", {n: (base_t[n].shape, base_t[n].dtype) for n in names}, merged_tensor, meta
+    )
     cfg = _read_config(base_p)
     pio.atomic_write_json(out_p / "config.json", cfg)
     for fname in _COPIED_FILES:
@@ -764,8 +836,11 @@ __all__ = [
     "dare_key",
     "emr_elect_mask",
     "emr_rescale_terms",
+    "emr_tensor",
     "flatten_named",
+    "gta_tau",
     "lerp",
+    "magnitude_threshold",
     "magnitude_trim",
     "merge",
     "merge_checkpoints",
@@ -778,4 +853,5 @@ __all__ = [
     "parse_merge_spec",
     "sign_consensus",
     "task_vector",
+    "write_safetensors_streaming",
 ]
