@@ -299,6 +299,8 @@ def _path_name(path) -> str:
                 break
         else:
             parts.append(str(p))
+    if len(parts) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        parts.pop()  # an nnx Variable's array: named by its parameter path
     return ".".join(parts)
 
 
@@ -647,6 +649,38 @@ def merge_emr(reference, policy, alpha: float, *, extra_policies=(), anchor=None
     return merge(reference, policy, alpha, "emr", extra_policies=extra_policies, anchor=anchor, emr_norm=emr_norm)
 
 
+# ------------------------------------------------------------------------------- decoder models
+def model_tensors(config, model) -> dict[str, Any]:
+    """HF key -> parameter array of a :class:`pa_jax.models.Decoder` (the arrays themselves, shardings kept);
+    the names the disk merge and DARE's keys use."""
+    from pa_jax.models.load import model_tensors as _mt
+
+    return _mt(config, model)
+
+
+def replace_params(config, model, tensors: Mapping[str, Any]):
+    """A new Decoder with ``model``'s structure whose parameters are ``tensors`` (HF key -> array, e.g.
+    ``merged_delta(model_tensors(c, ref), model_tensors(c, pol), ...).at(alpha)``); arrays are used as
+    given (a mesh's shardings stay), ``model`` is not modified. ValueError naming a missing or misshapen
+    tensor."""
+    from flax import nnx
+
+    from pa_jax.models import params as P
+
+    graphdef, state = nnx.split(model)
+    new = []
+    for path, var in nnx.to_flat_state(state):
+        key = P.path_to_hf_key(config, P.path_str(path))
+        if key not in tensors:
+            raise ValueError(f"replace_params: no tensor {key!r}")
+        value = tensors[key]
+        if tuple(value.shape) != tuple(var.get_value().shape):
+            raise ValueError(f"replace_params: tensor {key!r} has shape {tuple(value.shape)}, the model "
+                             f"{tuple(var.get_value().shape)}")
+        new.append((path, var.replace(_dev(value))))
+    return nnx.merge(graphdef, nnx.from_flat_state(new))
+
+
 # ------------------------------------------------------------------------- lazily, from disk
 # Config fields that must agree between sources of one architecture (when present in either).
 _ARCH_FIELDS = (
@@ -850,6 +884,8 @@ __all__ = [
     "merge_linear",
     "merge_ties",
     "merged_delta",
+    "model_tensors",
+    "replace_params",
     "parse_merge_spec",
     "sign_consensus",
     "task_vector",
