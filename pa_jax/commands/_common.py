@@ -69,6 +69,9 @@ def add_common_arguments(p: argparse.ArgumentParser, *, token_agg: str = "mean",
     p.add_argument("--no-share-prefix", action="store_true", help="do not reuse a prefix shared by all trajectories")
     p.add_argument("--no-pack", action="store_true", help="do not pack short trajectories into one row")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from pa_jax.commands._merge import add_merge_arguments
+
+    add_merge_arguments(p)
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -143,11 +146,24 @@ class Scored:
     cache_dir: str | None
 
 
-def prepare(args: argparse.Namespace, *, require: str | None) -> Scored:
-    """Load, render, and score (both models) the trajectories named by ``args``."""
+@dataclass
+class Inputs:
+    """Loaded and rendered trajectories (what every model scores)."""
+
+    dataset: Dataset
+    trajectories: list[Trajectory]
+    rendered: list[Rendered]
+    tokenizer: Any
+    render_s: float
+    mesh: Any
+    pad_id: int
+
+
+def load_inputs(args: argparse.Namespace, *, require: str | None) -> Inputs:
+    """Load the data named by ``args``, select (--tasks, --limit), check the tokenizers, render."""
     import jax
 
-    from pa_jax.scoring import ScoringOptions, check_tokenizers, load_tokenizer, model_identity, score_rendered
+    from pa_jax.scoring import check_tokenizers, load_tokenizer
 
     validate_args(args)
     ds = load(args.data)
@@ -173,36 +189,60 @@ def prepare(args: argparse.Namespace, *, require: str | None) -> Scored:
         from pa_jax.models.sharding import make_mesh
 
         mesh = make_mesh()
-    t0 = time.perf_counter()
-    policy = load_model(args.policy, dtype=args.dtype, mesh=mesh, role="policy")
-    reference = None
-    if args.reference is not None and not same:
-        reference = load_model(args.reference, dtype=args.dtype, mesh=mesh, role="reference")
-    t_load = time.perf_counter() - t0
     pad = getattr(tok, "pad_token_id", None)
     pad = pad if pad is not None else (getattr(tok, "eos_token_id", None) or 0)
-    opts = ScoringOptions(top_k=args.top_k, max_batch_tokens=args.max_batch_tokens,
-                          pack=not args.no_pack, share_prefix=not args.no_share_prefix)
-    meta = {"policy": model_identity(args.policy), "reference": model_identity(args.reference) if reference else None,
-            "dtype": args.dtype}
-    total = sum(len(r) for r in rendered)
+    return Inputs(ds, trajs, rendered, tok, t_render, mesh, int(pad))
+
+
+def score_models(args: argparse.Namespace, inputs: Inputs, policy, reference, meta: dict, desc: str = "scoring"):
+    """pa_jax.scoring.score_rendered of ``inputs`` with the options of ``args`` (progress bar unless
+    --no-progress); ``meta`` identifies the models in the cache key."""
+    from pa_jax import scoring
+
+    opts = scoring.ScoringOptions(top_k=args.top_k, max_batch_tokens=args.max_batch_tokens,
+                                  pack=not args.no_pack, share_prefix=not args.no_share_prefix)
+    rendered = inputs.rendered
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="tok", unit_scale=True, desc="scoring", file=sys.stderr, smoothing=0.1)
+        bar = tqdm(total=sum(len(r) for r in rendered), unit="tok", unit_scale=True, desc=desc, file=sys.stderr,
+                   smoothing=0.1)
 
     def progress(batch, ntok):
         if bar is not None:
             bar.update(sum(len(rendered[i]) for row in batch.rows for i in row))
 
     try:
-        res = score_rendered(rendered, policy, reference, options=opts, cache_dir=args.cache, cache_meta=meta,
-                             mesh=mesh, pad_id=int(pad), progress=progress)
+        return scoring.score_rendered(rendered, policy, reference, options=opts, cache_dir=args.cache,
+                                      cache_meta=meta, mesh=inputs.mesh, pad_id=inputs.pad_id, progress=progress)
     finally:
         if bar is not None:
             bar.close()
-    timing = {"render_s": t_render, "load_models_s": t_load, "score_s": res.seconds,
+
+
+def prepare(args: argparse.Namespace, *, require: str | None) -> Scored:
+    """Load, render, and score (both models) the trajectories named by ``args``. A reference-merge sweep
+    (pa_jax.commands._merge) hands each variant's already scored data in as ``args._prepared``."""
+    pre = getattr(args, "_prepared", None)
+    if pre is not None:
+        return pre
+    from pa_jax.scoring import model_identity
+
+    inputs = load_inputs(args, require=require)
+    same = args.reference is not None and pathlib.Path(args.reference).resolve() == pathlib.Path(args.policy).resolve()
+    t0 = time.perf_counter()
+    policy = load_model(args.policy, dtype=args.dtype, mesh=inputs.mesh, role="policy")
+    reference = None
+    if args.reference is not None and not same:
+        reference = load_model(args.reference, dtype=args.dtype, mesh=inputs.mesh, role="reference")
+    t_load = time.perf_counter() - t0
+    meta = {"policy": model_identity(args.policy), "reference": model_identity(args.reference) if reference else None,
+            "dtype": args.dtype}
+    rendered = inputs.rendered
+    total = sum(len(r) for r in rendered)
+    res = score_models(args, inputs, policy, reference, meta)
+    timing = {"render_s": inputs.render_s, "load_models_s": t_load, "score_s": res.seconds,
               "tokens": total, "tokens_computed": res.tokens_computed,
               "batches_computed": res.batches_computed, "batches_from_cache": res.batches_from_cache,
               "tokens_per_s": (res.tokens_computed / res.seconds) if res.batches_computed and res.seconds > 0 else None,
@@ -214,7 +254,8 @@ def prepare(args: argparse.Namespace, *, require: str | None) -> Scored:
         stats = [dataclasses.replace(s, reference_logprob=s.policy_logprob, reference_entropy=s.policy_entropy,
                                      kl=np.zeros_like(s.policy_logprob)) for s in stats]
     vocab = int(policy[1].unembedding().shape[0])
-    return Scored(ds, trajs, rendered, stats, args.reference is not None, same, vocab, timing, res.cache_dir)
+    return Scored(inputs.dataset, inputs.trajectories, rendered, stats, args.reference is not None, same, vocab,
+                  timing, res.cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------- scores
