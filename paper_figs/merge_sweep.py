@@ -28,7 +28,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from pa_jax.io import atomic_write_bytes  # noqa: E402
 
-METHOD_STYLE = {"linear": "o-", "ties": "s-", "dare_linear": "^-", "dare_ties": "v-", "emr": "D-"}
+# (format, line width, marker size): with one policy emr == linear and dare_ties == dare_linear, so the
+# second of each pair is dashed and thinner to stay visible on top of the first
+METHOD_STYLE = {"linear": ("o-", 2.6, 6), "ties": ("s-", 1.6, 4), "dare_linear": ("^-", 2.6, 6),
+                "dare_ties": ("v--", 1.2, 4), "emr": ("D--", 1.2, 4)}
 
 
 def _value(metrics, score: str, metric: str, where: str) -> float:
@@ -67,7 +70,8 @@ def draw(result: dict, score: str, metric: str, *, title: str | None = None, pat
     fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=150)
     for method, pts in lines.items():
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, METHOD_STYLE.get(method, "x-"), label=method, markersize=4, linewidth=1.4)
+        fmt, lw, ms = METHOD_STYLE.get(method, ("x-", 1.4, 4))
+        ax.plot(xs, ys, fmt, label=method, markersize=ms, linewidth=lw, alpha=0.9)
     if base is not None and math.isfinite(base):
         ax.axhline(base, color="k", linestyle="--", linewidth=1, label="unmerged reference")
     ax.axvline(0.0, color="gray", linestyle=":", linewidth=1, label=r"$\alpha=0$ (merge base)")
