@@ -102,27 +102,13 @@ def run_child(ref, pol, out, method, extra="-") -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-mb", type=float, default=300.0, help="size of each random checkpoint (default 300)")
-    ap.add_argument("--methods", default="linear,ties,dare_ties,emr")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "bench" / "bench_merge_memory.json"))
-    args = ap.parse_args(argv)
-    if args.model_mb <= 0:
-        raise SystemExit("--model-mb must be positive")
-    methods = [m for m in args.methods.split(",") if m]
-    from pa_jax.io import atomic_write_json
-    from pa_jax.merging import MERGE_METHODS
-
-    bad = [m for m in methods if m not in MERGE_METHODS]
-    if bad:
-        raise SystemExit(f"--methods: unknown {bad}; expected a subset of {MERGE_METHODS}")
-    shapes = layout(args.model_mb)
+def run_size(model_mb: float, methods: list[str]) -> dict:
+    """Make the checkpoints of one size in a temp dir and measure every method's merge."""
+    shapes = layout(model_mb)
     model_bytes = sum(int(np.prod(s)) * 4 for s in shapes.values())
     largest = max(int(np.prod(s)) * 4 for s in shapes.values())
-    res = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-           "model_bytes": model_bytes, "largest_tensor_bytes": largest, "n_tensors": len(shapes),
-           "dtype": "float32", "alpha": 0.5, "methods": {}}
+    res = {"model_mb_asked": model_mb, "model_bytes": model_bytes, "largest_tensor_bytes": largest,
+           "n_tensors": len(shapes), "methods": {}}
     with tempfile.TemporaryDirectory(prefix="bench_merge_") as tmp:
         tmp = pathlib.Path(tmp)
         t = time.perf_counter()
@@ -153,6 +139,34 @@ def main(argv=None) -> dict:
                   f"{base['maxrss_kib'] / 2**10:7.1f} MiB, increment {inc / 2**20:7.1f} MiB = "
                   f"{inc / (model_bytes + largest):.3f} x (model {model_bytes / 2**20:.0f} MiB + largest tensor "
                   f"{largest / 2**20:.0f} MiB); {run['wall_s']:.1f} s", flush=True)
+    return res
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-mb", default="300,1200",
+                    help="comma list of checkpoint sizes in MB, one run each (default 300,1200: the same largest "
+                         "tensor, 4x the model)")
+    ap.add_argument("--methods", default="linear,ties,dare_ties,emr")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "bench" / "bench_merge_memory.json"))
+    args = ap.parse_args(argv)
+    try:
+        sizes = [float(x) for x in args.model_mb.split(",")]
+    except ValueError:
+        raise SystemExit(f"--model-mb: expected a comma list of numbers, got {args.model_mb!r}") from None
+    if not sizes or any(x <= 0 for x in sizes):
+        raise SystemExit("--model-mb must be positive")
+    methods = [m for m in args.methods.split(",") if m]
+    from pa_jax.io import atomic_write_json
+    from pa_jax.merging import MERGE_METHODS
+
+    bad = [m for m in methods if m not in MERGE_METHODS]
+    if bad:
+        raise SystemExit(f"--methods: unknown {bad}; expected a subset of {MERGE_METHODS}")
+    res = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(), "dtype": "float32",
+           "alpha": 0.5, "runs": []}
+    for size in sizes:
+        res["runs"].append(run_size(size, methods))
     atomic_write_json(args.out, res)
     print(f"wrote {args.out}")
     return res

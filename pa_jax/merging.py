@@ -719,6 +719,26 @@ _COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.
                  "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
 
 
+def _read_device(t):
+    """A lazy checkpoint tensor read whole (a private host copy; on CPU the device array may alias it)."""
+    return jnp.asarray(t.read())
+
+
+@functools.partial(jax.jit, static_argnames=("sparsify", "consensus", "normalize", "density", "rescale"))
+def _gta_apply(base, members, thresholds, keys, alpha, *, sparsify, consensus, normalize, density, rescale):
+    """base + alpha * gta_tau(...) (tau cast to base's dtype first, as the in-memory path stores it), fused."""
+    tau = gta_tau(base, members, thresholds, keys, sparsify=sparsify, consensus=consensus, normalize=normalize,
+                  density=density, rescale=rescale).astype(base.dtype)
+    return add_scaled(base, tau, alpha)
+
+
+@functools.partial(jax.jit, static_argnames=("target",))
+def _emr_apply(base, members, lam, alpha, *, target):
+    """base + alpha * (lambda * M_t tau_uni) (cast to base's dtype first, as the in-memory path), fused."""
+    eff, _, _ = emr_tensor(base, members, target=target)
+    return add_scaled(base, (eff * lam).astype(base.dtype), alpha)
+
+
 def write_safetensors_streaming(
     file, specs: Mapping[str, tuple[tuple[int, ...], Any]], produce: Callable[[str], np.ndarray],
     metadata: Mapping[str, str] | None = None,
@@ -816,8 +836,7 @@ def merge_checkpoints(
             b = base_t[name]
             if not _is_float(b):
                 continue
-            _, st, se = emr_tensor(jnp.asarray(b.read()), tuple(jnp.asarray(m[name].read()) for m in members),
-                                   target=target)
+            _, st, se = emr_tensor(_read_device(b), tuple(_read_device(m[name]) for m in members), target=target)
             n_, d_ = emr_rescale_terms(st, se, int(np.prod(b.shape)), opts.emr_norm)
             num, den = num + n_, den + d_
         lam = num / den if den > 0 else 1.0
@@ -825,19 +844,26 @@ def merge_checkpoints(
 
     def merged_tensor(name: str) -> np.ndarray:
         b = base_t[name]
-        bnp = b.read()
         if not _is_float(b):
-            return bnp
-        bj = jnp.asarray(bnp)
+            return b.read()
+        bj = _read_device(b)
+        ms = tuple(_read_device(m[name]) for m in members)
         if method == "linear":
-            r = lerp(bj, jnp.asarray(members[0][name].read()), a)
+            r = lerp(bj, ms[0], a)
         elif method == "emr":
-            eff, _, _ = emr_tensor(bj, tuple(jnp.asarray(m[name].read()) for m in members), target=target)
-            r = add_scaled(bj, (eff * jnp.float32(lam)).astype(bj.dtype), a)
-            del eff
+            r = _emr_apply(bj, ms, jnp.float32(lam), jnp.float32(a), target=target)
         else:
-            tau = _gta_tensor(name, bj, [jnp.asarray(m[name].read()) for m in members], opts).astype(bj.dtype)
-            r = add_scaled(bj, tau, a)
+            sparsify, consensus, normalize, _ = _GTA[method]
+            if opts.density >= 1.0:
+                sparsify = None
+            thresholds = keys = None
+            if sparsify == "magnitude":
+                thresholds = tuple(magnitude_threshold(task_vector(m, bj), opts.density) for m in ms)
+            elif sparsify == "random":
+                keys = tuple(dare_key(opts.seed, name, i) for i in range(len(ms)))
+            r = _gta_apply(bj, ms, thresholds, keys, jnp.float32(a), sparsify=sparsify, consensus=consensus,
+                           normalize=normalize, density=opts.density, rescale=opts.effective_rescale)
+        del bj, ms
         return np.asarray(jax.device_get(r))
 
     meta = {"format": "pt", "pa_jax_merge": json.dumps(info, sort_keys=True)}
