@@ -48,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        module = importlib.import_module(args._module)
+        if getattr(args, "reference_merge", None):  # one run against many merged references
+            from pa_jax.commands import _merge
+
+            return int(_merge.sweep(args, module, args.command) or 0)
+        return int(module.run(args) or 0)
     except (ValueError, OSError) as e:  # bad input (DataError is a ValueError): one clear line, no traceback
         if os.environ.get("PA_JAX_TRACEBACK"):
             raise

@@ -81,6 +81,9 @@ def add_common_arguments(p: argparse.ArgumentParser, *, token_agg: str = "mean",
     p.add_argument("--no-share-prefix", action="store_true", help="do not reuse a prefix shared by all trajectories")
     p.add_argument("--no-pack", action="store_true", help="do not pack short trajectories into one row")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from pa_jax.commands._merge import add_merge_arguments
+
+    add_merge_arguments(p)
 
 
 def resolve_dtype_arg(args: argparse.Namespace) -> None:
@@ -174,13 +177,27 @@ class Scored:
     preflight: dict | None = None  # what pa_jax.commands.preflight established (context, notes, duplicates)
 
 
-def prepare(args: argparse.Namespace, *, require: str | None, command: str = "score") -> Scored:
-    """Check everything that can be checked before a model is loaded (pa_jax.commands.preflight), then
-    render and score (both models) the trajectories named by ``args``."""
+@dataclass
+class Inputs:
+    """Checked, loaded and rendered trajectories (what every model scores)."""
+
+    dataset: Dataset
+    trajectories: list[Trajectory]
+    rendered: list[Rendered]
+    tokenizer: Any
+    render_s: float
+    mesh: Any
+    pad_id: int
+    same: bool  # the reference is the policy checkpoint (same path or same content)
+    preflight: dict | None = None
+
+
+def load_inputs(args: argparse.Namespace, *, require: str | None, command: str = "score") -> Inputs:
+    """Check everything that can be checked before a model is loaded (pa_jax.commands.preflight: options,
+    paths, outputs, configs, context windows, tokenizers, data), then render."""
     import jax
 
     from pa_jax.commands import preflight
-    from pa_jax.scoring import ScoringOptions, model_identity, score_rendered
 
     resolve_dtype_arg(args)
     pf = preflight.check(args, command=command, require=require)
@@ -193,37 +210,35 @@ def prepare(args: argparse.Namespace, *, require: str | None, command: str = "sc
         from pa_jax.models.sharding import make_mesh
 
         mesh = make_mesh()
-    t0 = time.perf_counter()
-    policy = load_model(args.policy, dtype=args.dtype, mesh=mesh, role="policy", base=policy_base)
-    reference = None
-    if args.reference is not None and not same:
-        reference = load_model(args.reference, dtype=args.dtype, mesh=mesh, role="reference")
-    t_load = time.perf_counter() - t0
     pad = getattr(tok, "pad_token_id", None)
     pad = pad if pad is not None else (getattr(tok, "eos_token_id", None) or 0)
-    opts = ScoringOptions(top_k=args.top_k, max_batch_tokens=args.max_batch_tokens,
-                          pack=not args.no_pack, share_prefix=not args.no_share_prefix)
-    meta = {"policy": model_identity(args.policy), "reference": model_identity(args.reference) if reference else None,
-            "dtype": args.dtype}
-    from pa_jax.models.lora import is_adapter_dir, resolve_base
+    return Inputs(ds, trajs, rendered, tok, t_render, mesh, int(pad), bool(same), pf.record)
 
-    for role, path, base in (("policy", args.policy, policy_base), ("reference", args.reference, None)):
-        if path is not None and (role == "policy" or reference is not None) and is_adapter_dir(path):
-            meta[f"{role}_base"] = model_identity(resolve_base(path, base))  # an adapter's base is part of its identity
-    total = sum(len(r) for r in rendered)
+
+def score_models(args: argparse.Namespace, inputs: Inputs, policy, reference, meta: dict, desc: str = "scoring"):
+    """pa_jax.scoring.score_rendered of ``inputs`` with the options of ``args`` (progress bar unless
+    --no-progress); ``meta`` identifies the models in the cache key. A failure after the first forward says
+    how to resume (the cache keeps every finished batch)."""
+    from pa_jax import scoring
+    from pa_jax.commands import preflight
+
+    opts = scoring.ScoringOptions(top_k=args.top_k, max_batch_tokens=args.max_batch_tokens,
+                                  pack=not args.no_pack, share_prefix=not args.no_share_prefix)
+    rendered = inputs.rendered
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="tok", unit_scale=True, desc="scoring", file=sys.stderr, smoothing=0.1)
+        bar = tqdm(total=sum(len(r) for r in rendered), unit="tok", unit_scale=True, desc=desc, file=sys.stderr,
+                   smoothing=0.1)
 
     def progress(batch, ntok):
         if bar is not None:
             bar.update(sum(len(rendered[i]) for row in batch.rows for i in row))
 
     try:
-        res = score_rendered(rendered, policy, reference, options=opts, cache_dir=args.cache, cache_meta=meta,
-                             mesh=mesh, pad_id=int(pad), progress=progress)
+        return scoring.score_rendered(rendered, policy, reference, options=opts, cache_dir=args.cache,
+                                      cache_meta=meta, mesh=inputs.mesh, pad_id=inputs.pad_id, progress=progress)
     except (ValueError, OSError) as e:  # after the first forward: say how to resume
         raise (OSError if isinstance(e, OSError) else ValueError)(f"{e} ({preflight.resume_hint(args)})") from e
     except BaseException:  # interrupted, out of memory, ...: the traceback stays, with the way back
@@ -232,7 +247,43 @@ def prepare(args: argparse.Namespace, *, require: str | None, command: str = "sc
     finally:
         if bar is not None:
             bar.close()
-    timing = {"render_s": t_render, "load_models_s": t_load, "score_s": res.seconds,
+
+
+def model_meta(args: argparse.Namespace, with_reference: bool) -> dict:
+    """The models' identity for the cache key: paths, file sizes and times, an adapter's base, the dtype."""
+    from pa_jax.models.lora import is_adapter_dir, resolve_base
+    from pa_jax.scoring import model_identity
+
+    policy_base = getattr(args, "policy_base", None)
+    meta = {"policy": model_identity(args.policy),
+            "reference": model_identity(args.reference) if with_reference else None, "dtype": args.dtype}
+    for role, path, base in (("policy", args.policy, policy_base), ("reference", args.reference, None)):
+        if path is not None and (role == "policy" or with_reference) and is_adapter_dir(path):
+            meta[f"{role}_base"] = model_identity(resolve_base(path, base))  # an adapter's base is part of its identity
+    return meta
+
+
+def prepare(args: argparse.Namespace, *, require: str | None, command: str = "score") -> Scored:
+    """Check (preflight), load, render, and score (both models) the trajectories named by ``args``. A
+    reference-merge sweep (pa_jax.commands._merge) hands each variant's already scored data in as
+    ``args._prepared``."""
+    pre = getattr(args, "_prepared", None)
+    if pre is not None:
+        return pre
+    inputs = load_inputs(args, require=require, command=command)
+    same = inputs.same
+    t0 = time.perf_counter()
+    policy = load_model(args.policy, dtype=args.dtype, mesh=inputs.mesh, role="policy",
+                        base=getattr(args, "policy_base", None))
+    reference = None
+    if args.reference is not None and not same:
+        reference = load_model(args.reference, dtype=args.dtype, mesh=inputs.mesh, role="reference")
+    t_load = time.perf_counter() - t0
+    meta = model_meta(args, reference is not None)
+    rendered = inputs.rendered
+    total = sum(len(r) for r in rendered)
+    res = score_models(args, inputs, policy, reference, meta)
+    timing = {"render_s": inputs.render_s, "load_models_s": t_load, "score_s": res.seconds,
               "tokens": total, "tokens_computed": res.tokens_computed,
               "batches_computed": res.batches_computed, "batches_from_cache": res.batches_from_cache,
               "tokens_per_s": (res.tokens_computed / res.seconds) if res.batches_computed and res.seconds > 0 else None,
@@ -244,8 +295,8 @@ def prepare(args: argparse.Namespace, *, require: str | None, command: str = "sc
         stats = [dataclasses.replace(s, reference_logprob=s.policy_logprob, reference_entropy=s.policy_entropy,
                                      kl=np.zeros_like(s.policy_logprob)) for s in stats]
     vocab = int(policy[1].unembedding().shape[0])
-    return Scored(ds, trajs, rendered, stats, args.reference is not None, same, vocab, timing, res.cache_dir,
-                  pf.record)
+    return Scored(inputs.dataset, inputs.trajectories, rendered, stats, args.reference is not None, same, vocab,
+                  timing, res.cache_dir, inputs.preflight)
 
 
 # ---------------------------------------------------------------------------------------------- scores
