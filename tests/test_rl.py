@@ -22,7 +22,7 @@ def tiny_model():
 
 def tiny_rows(seed=0):
     rng = np.random.default_rng(seed)
-    prefixes = [list(rng.integers(3, 64, size=n)) for n in (5, 9, 7, 6)]
+    prefixes = [[1, 7] + list(rng.integers(3, 64, size=n)) for n in (3, 7, 5, 4)]
     cmds = [list(rng.integers(3, 64, size=k)) for k in (2, 3, 2)]
     return prefixes, cmds
 

@@ -25,7 +25,8 @@ history tree is exact: ``pi_ref(a | h)`` for every history ``h`` and command ``a
     V(h)    = beta log( sum_a pi_ref(a|h) e^{Q(h,a)/beta} + pi_ref(invalid|h) e^{0/beta} )
     A*(h, a) = Q(h, a) - V(h) = beta log pi*(a|h) / pi_ref(a|h)
 
-Rendering (``render_history``) goes through the tokenizer's chat template (SmolLM2's ChatML); tool replies
+Rendering (``messages``/``tree_tokens``) starts with the system prompt and one fixed demonstration exchange
+(``DEMO``), then the request, and goes through the tokenizer's chat template (SmolLM2's ChatML); tool replies
 are user turns that start with ``[tool]``. A command's token ids include the end-of-message token, so the
 commands are disjoint events (a command followed by more text is "invalid").
 
@@ -48,6 +49,13 @@ SYSTEM_PROMPT = (
     "get_order(7)\ncancel_order(7)\nrefund_order(7)\ntransfer_to_human()"
 )
 USER_REQUEST = "Hi, please cancel my order 7. If it has already shipped, refund it instead."
+# A fixed earlier exchange at the start of every chat (one in-context demonstration of the reply format:
+# without it SmolLM2-135M-Instruct almost never answers the first turn with a bare tool call).
+DEMO: tuple[dict[str, str], ...] = (
+    {"role": "user", "content": "What is the status of order 3?"},
+    {"role": "assistant", "content": "get_order(3)"},
+    {"role": "user", "content": "[tool] Order 3: status shipped."},
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,7 +295,7 @@ def regularized_value(tree: ToolTree, policy_logprobs: np.ndarray, ref_logprobs:
 
 def messages(turns: Sequence[tuple[int, str]]) -> list[dict[str, str]]:
     """The chat of a history: system prompt, user request, then (assistant command, tool reply) per turn."""
-    msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": USER_REQUEST}]
+    msgs = [{"role": "system", "content": SYSTEM_PROMPT}, *DEMO, {"role": "user", "content": USER_REQUEST}]
     for a, obs in turns:
         msgs.append({"role": "assistant", "content": COMMANDS[a]})
         msgs.append({"role": "user", "content": obs})

@@ -141,6 +141,7 @@ class CommandRows:
     last_ids: np.ndarray
     cmd_ids: np.ndarray
     cmd_mask: np.ndarray
+    common: int = 0  # the first ``common`` prefix tokens are the same in every history (valid everywhere)
 
     @property
     def num_nodes(self) -> int:
@@ -176,7 +177,12 @@ def command_rows(prefixes: Sequence[Sequence[int]], commands: Sequence[Sequence[
     for a, c in enumerate(commands):
         cid[a, : len(c)] = c
         cm[a, : len(c)] = 1
-    return CommandRows(pid, pm, np.array([p[-1] for p in prefixes], np.int32), cid, cm)
+    common = 0
+    while common < min(len(p) for p in prefixes) - 1 and len({p[common] for p in prefixes}) == 1:
+        common += 1
+    if common < 1:
+        raise ValueError("the histories must share at least their first token (e.g. the chat's first header)")
+    return CommandRows(pid, pm, np.array([p[-1] for p in prefixes], np.int32), cid, cm, common)
 
 
 # ---------------------------------------------------------------------------------------------- split model
@@ -229,20 +235,29 @@ class SplitPolicy:
         return np.concatenate(outs_p), np.concatenate(outs_s)
 
     def logprobs_fn(self):
-        """A pure ``f(state, lora, xp, pm, xs, sid, sm) -> [B, A]`` (jit it; ``lora`` may be None)."""
+        """A pure ``f(state, lora, xc, xr, rm, xs, sid, sm) -> [B, A]`` (jit it; ``lora`` may be None).
+
+        The histories' common first ``C`` tokens (``xc`` ``[1, C, D]``) run once; each history's rest
+        (``xr`` ``[B, P-C, D]``, mask ``rm``) attends to them; each command (``xs`` ``[B, A, K+1, D]``) to both."""
         gd, spec = self.graphdef, self.spec
 
-        def f(state, lora, xp, pm, xs, sid, sm):
+        def f(state, lora, xc, xr, rm, xs, sid, sm):
             from pa_jax.head import head_statistics
 
             model = nnx.merge(gd, state)
             top = merged_layers(model, spec, lora)
             ids = range(spec.split, spec.num_layers)
-            pmb = pm.astype(bool)
-            _, kp, vp, posp = run_layers(model, ids, top, xp, pmb)
             B, A = xs.shape[0], xs.shape[1]
+            cvalid = jnp.ones(xc.shape[:2], bool)
+            _, kc, vc, posc = run_layers(model, ids, top, xc, cvalid)
+            bc = lambda a, n: jnp.broadcast_to(a, (n,) + a.shape[1:])  # noqa: E731
+            pref_c = ([bc(k, B) for k in kc], [bc(v, B) for v in vc], bc(posc, B), bc(cvalid, B))
+            rmb = rm.astype(bool)
+            _, kr, vr, posr = run_layers(model, ids, top, xr, rmb, pref_c)
+            cat = lambda a, b: jnp.concatenate([a, b], axis=1)  # noqa: E731
             rep = lambda a: jnp.repeat(a, A, axis=0)  # noqa: E731
-            pref = ([rep(k) for k in kp], [rep(v) for v in vp], rep(posp), rep(pmb))
+            pref = ([rep(cat(a, b)) for a, b in zip(pref_c[0], kr)], [rep(cat(a, b)) for a, b in zip(pref_c[1], vr)],
+                    rep(cat(pref_c[2], posr)), rep(cat(pref_c[3], rmb)))
             x = xs.reshape((B * A,) + xs.shape[2:])
             x, _, _, _ = run_layers(model, ids, top, x, sm.astype(bool), pref)
             h = model.norm(x)
@@ -256,8 +271,10 @@ class SplitPolicy:
     def inputs(self, nodes: np.ndarray):
         """The bottom activations and ids of ``nodes`` as device arrays (for ``logprobs_fn``)."""
         nodes = np.asarray(nodes)
+        C = self.rows.common
         sid, sm = self.rows.suffix(nodes)
-        return (jnp.asarray(self.bottom_prefix[nodes]), jnp.asarray(self.rows.prefix_mask[nodes]),
+        return (jnp.asarray(self.bottom_prefix[:1, :C]), jnp.asarray(self.bottom_prefix[nodes, C:]),
+                jnp.asarray(self.rows.prefix_mask[nodes, C:]),
                 jnp.asarray(self.bottom_suffix[nodes]), jnp.asarray(sid), jnp.asarray(sm))
 
     def all_logprobs(self, lora, *, batch: int = 16) -> np.ndarray:
