@@ -38,7 +38,7 @@ def setup(gguf: str, *, top_layers: int, rank: int, dtype: str, env_kwargs: dict
     """Tokenizer, model, tree, split policy and the reference's exact command log-probs ``[N, A]``."""
     from pa_jax import models as M
     from pa_jax.rl import policy as P
-    from pa_jax.scoring import load_tokenizer
+    from pa_jax.data.tokenizers import load_tokenizer
     from toy_mdp import tool_env as te
 
     t0 = time.time()

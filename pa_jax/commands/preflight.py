@@ -231,7 +231,7 @@ def load_tokenizer(p: pathlib.Path, role: str) -> Any:
         if p.suffix == ".gguf":
             try:
                 return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
-            except ImportError:  # see pa_jax.scoring.load_tokenizer: the config path needs torch, this does not
+            except ImportError:  # see pa_jax.data.tokenizers.load_tokenizer: the config path needs torch, this does not
                 from transformers import PreTrainedTokenizerFast
 
                 return PreTrainedTokenizerFast.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
