@@ -42,10 +42,6 @@ def _all_rules(s, acts, truth, agents, blamed, args) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    if any(k < 1 for k in args.k):
-        raise ValueError(f"--k must be >= 1, got {args.k}")
-    if any(not 0.0 < g <= 1.0 for g in args.gamma):
-        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
     X.check(args)
     preset = X.apply_preset(args)
     sc = C.prepare(args, require="mistake_step", command="fa")

@@ -92,6 +92,9 @@ def check_options(args: argparse.Namespace) -> None:
     _at_least("--folds", getattr(args, "folds", None), 2)
     for k in getattr(args, "k", None) or []:
         _at_least("--k", k, 1)
+    for g in getattr(args, "gamma", None) or []:
+        if not (math.isfinite(g) and 0.0 < g <= 1.0):
+            raise ValueError(f"--gamma must be in (0, 1], got {g}")
 
 
 # ---------------------------------------------------------------------------------------------- paths
