@@ -20,7 +20,6 @@ than absolute rates.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys

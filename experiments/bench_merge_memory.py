@@ -19,7 +19,6 @@ import json
 import os
 import pathlib
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -65,7 +64,7 @@ def make_checkpoint(path: pathlib.Path, shapes: dict, seed: int, base: pathlib.P
     """A random float32 checkpoint (config.json + model.safetensors), streamed tensor by tensor: N(0, 0.02^2)
     entries, or ``base``'s tensors plus N(0, 0.002^2) noise (a fine-tuned sibling)."""
     from pa_jax.io import atomic_write_json
-    from pa_jax.merging import write_safetensors_streaming
+    from pa_jax.models.load import write_safetensors_streaming
     from pa_jax.models.load import open_safetensors_dir
 
     rng = np.random.default_rng(seed)

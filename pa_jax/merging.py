@@ -62,16 +62,18 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import pathlib
-import shutil
-import struct
 import zlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pa_jax import io as pio
+from pa_jax.models import params as P
+from pa_jax.models.load import model_tensors as _mt
+from pa_jax.models.load import open_safetensors_dir, write_safetensors_streaming
 
 MERGE_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "emr")
 ALPHA_BOUND = 10.0
@@ -653,7 +655,6 @@ def merge_emr(reference, policy, alpha: float, *, extra_policies=(), anchor=None
 def model_tensors(config, model) -> dict[str, Any]:
     """HF key -> parameter array of a :class:`pa_jax.models.Decoder` (the arrays themselves, shardings kept);
     the names the disk merge and DARE's keys use."""
-    from pa_jax.models.load import model_tensors as _mt
 
     return _mt(config, model)
 
@@ -665,7 +666,6 @@ def replace_params(config, model, tensors: Mapping[str, Any]):
     tensor."""
     from flax import nnx
 
-    from pa_jax.models import params as P
 
     graphdef, state = nnx.split(model)
     new = []
@@ -707,7 +707,6 @@ def _check_configs(base_label: str, base_cfg: dict, others: Mapping[str, dict]) 
 
 
 def _open(path, label):
-    from pa_jax.models.load import open_safetensors_dir
 
     p = pathlib.Path(path)
     if not p.is_dir():
@@ -739,43 +738,6 @@ def _emr_apply(base, members, lam, alpha, *, target):
     return add_scaled(base, (eff * lam).astype(base.dtype), alpha)
 
 
-def write_safetensors_streaming(
-    file, specs: Mapping[str, tuple[tuple[int, ...], Any]], produce: Callable[[str], np.ndarray],
-    metadata: Mapping[str, str] | None = None,
-) -> None:
-    """Write a .safetensors file whose tensors are produced one at a time, in sorted name order:
-    ``specs[name] = (shape, dtype)`` makes the header, ``produce(name)`` the data (checked against the
-    spec, then released). Atomic (``pa_jax.io.atomic_write_bytes``): a reader never sees a partial file."""
-    from pa_jax import io as pio
-    from pa_jax.models.load import _ST_NAMES
-
-    names = sorted(specs)
-    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    for name in names:
-        shape, dt = tuple(int(d) for d in specs[name][0]), np.dtype(specs[name][1])
-        if dt not in _ST_NAMES:
-            raise ValueError(f"tensor {name!r}: dtype {dt} cannot be written to safetensors")
-        n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        header[name] = {"dtype": _ST_NAMES[dt], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-
-    def write(f):
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name in names:
-            arr = np.ascontiguousarray(produce(name))
-            want = (tuple(header[name]["shape"]), np.dtype(specs[name][1]))
-            if (arr.shape, arr.dtype) != want:
-                raise ValueError(f"tensor {name!r}: produced {arr.shape} {arr.dtype}, header says {want[0]} {want[1]}")
-            f.write(arr.tobytes())
-            del arr
-
-    pio.atomic_write_bytes(file, write)
-
-
 def merge_checkpoints(
     reference,
     policy,
@@ -798,7 +760,6 @@ def merge_checkpoints(
     about the sources' current tensors (float32 copies) plus the output tensor, not a model. EMR reads the
     sources twice (its lambda sums over all tensors). Same equations as :func:`merged_delta` (the same
     per-tensor functions); directories must share config architecture fields, tensor names and shapes."""
-    from pa_jax import io as pio
 
     a = check_alpha(alpha)
     opts = MergeOptions(method, density, seed, rescale, emr_norm)

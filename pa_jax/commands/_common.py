@@ -22,7 +22,7 @@ import numpy as np
 
 from pa_jax import advantage, baselines
 from pa_jax.advantage import STEP_AGGS, TOKEN_AGGS  # noqa: F401  (re-exported: the commands' choices)
-from pa_jax.data import RENDERINGS, Dataset, Rendered, Trajectory, load, render
+from pa_jax.data import RENDERINGS, Dataset, Rendered, Trajectory, render
 from pa_jax.head import HeadStats
 
 PA = "progress_advantage"

@@ -11,6 +11,7 @@ import argparse
 import hashlib
 import pathlib
 
+from pa_jax.apps.per_token import per_token_record, scored_token_ids
 from pa_jax.commands import _common as C
 from pa_jax.io import atomic_write_bytes, atomic_write_text, dumps_strict
 
@@ -69,9 +70,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_per_token(path: str, sc, beta: float) -> None:
-    from pa_jax.apps.per_token import per_token_record, scored_token_ids
-    from pa_jax.io import atomic_write_bytes, atomic_write_text, dumps_strict
-
     lines = []
     for t, r, st in zip(sc.trajectories, sc.rendered, sc.stats):
         ids = scored_token_ids(r)

@@ -321,19 +321,22 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, sharding_fn: S
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def write_safetensors(file: str | os.PathLike, arrays: Mapping[str, Any], metadata: dict[str, str] | None = None) -> None:
-    """Write arrays (NumPy or JAX, fetched one at a time) to a .safetensors file atomically (temp + rename)."""
-    file = pathlib.Path(file)
-    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+def write_safetensors_streaming(
+    file, specs: Mapping[str, tuple[tuple[int, ...], Any]], produce: Callable[[str], np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a .safetensors file whose tensors are produced one at a time, in sorted name order:
+    ``specs[name] = (shape, dtype)`` makes the header, ``produce(name)`` the data (checked against the
+    spec, then released). Atomic (``pa_jax.io.atomic_write_bytes``): a reader never sees a partial file."""
+    names = sorted(specs)
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
-    order = sorted(arrays)
-    for key in order:
-        a = arrays[key]
-        dt = np.dtype(a.dtype)
+    for name in names:
+        shape, dt = tuple(int(d) for d in specs[name][0]), np.dtype(specs[name][1])
         if dt not in _ST_NAMES:
-            raise ValueError(f"tensor {key!r}: dtype {dt} cannot be written to safetensors")
-        n = int(np.prod(a.shape, dtype=np.int64)) * dt.itemsize
-        header[key] = {"dtype": _ST_NAMES[dt], "shape": list(a.shape), "data_offsets": [offset, offset + n]}
+            raise ValueError(f"tensor {name!r}: dtype {dt} cannot be written to safetensors")
+        n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        header[name] = {"dtype": _ST_NAMES[dt], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -341,10 +344,21 @@ def write_safetensors(file: str | os.PathLike, arrays: Mapping[str, Any], metada
     def write(f):
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for key in order:
-            f.write(np.ascontiguousarray(np.asarray(jax.device_get(arrays[key]))).tobytes())
+        for name in names:
+            arr = np.ascontiguousarray(produce(name))
+            want = (tuple(header[name]["shape"]), np.dtype(specs[name][1]))
+            if (arr.shape, arr.dtype) != want:
+                raise ValueError(f"tensor {name!r}: produced {arr.shape} {arr.dtype}, header says {want[0]} {want[1]}")
+            f.write(arr.tobytes())
+            del arr
 
     atomic_write_bytes(file, write)
+
+
+def write_safetensors(file: str | os.PathLike, arrays: Mapping[str, Any], metadata: dict[str, str] | None = None) -> None:
+    """Write arrays (NumPy or JAX, fetched one at a time) to a .safetensors file atomically (temp + rename)."""
+    specs = {k: (tuple(a.shape), np.dtype(a.dtype)) for k, a in arrays.items()}
+    write_safetensors_streaming(file, specs, lambda k: np.asarray(jax.device_get(arrays[k])), metadata)
 
 
 def model_tensors(config: ModelConfig, model: Decoder) -> dict[str, jax.Array]:
