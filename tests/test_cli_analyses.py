@@ -132,7 +132,7 @@ def test_score_per_token_matches_pytorch(ckpts, tmp_path):  # noqa: F811
     sims = [_sim(i, f"t{i}", 1.0) for i in range(2)]
     data.write_text(json.dumps({"simulations": sims}))
     pt = tmp_path / "pt.jsonl"
-    _run_ok(["score", "--policy", str(d / "policy"), "--reference", str(d / "reference"), "--data", str(data),
+    _run_ok(["score", "--dtype", "float32", "--policy", str(d / "policy"), "--reference", str(d / "reference"), "--data", str(data),
              "--jsonl", str(tmp_path / "s.jsonl"), "--per-token", str(pt), "--beta", "0.5", "--no-progress"])
     recs = [json.loads(x) for x in pt.read_text().splitlines()]
     for sim, rec in zip(sims, recs):

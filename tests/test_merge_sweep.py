@@ -54,7 +54,7 @@ def counted(monkeypatch):
 
 
 def _uq(data, out, *extra):
-    return ["uq", "--policy", POL, "--reference", REF, "--data", str(data), "--token-agg", "mean",
+    return ["uq", "--dtype", "float32", "--policy", POL, "--reference", REF, "--data", str(data), "--token-agg", "mean",
             "--step-agg", "mean", "--bootstrap", "20", "--no-progress", "--out", str(out), *extra]
 
 
