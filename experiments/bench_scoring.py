@@ -238,7 +238,7 @@ def torch_worker(cfg: dict) -> dict:
 def jax_worker(cfg: dict) -> dict:
     import numpy as np
 
-    from pa_jax.models.load import load
+    from pa_jax.models import load
     from pa_jax.data.tokenizers import load_tokenizer
     from pa_jax.scoring import ScoringOptions, score_rendered
 

@@ -42,7 +42,7 @@ def main() -> None:
     from flax import nnx
 
     from pa_jax.models.dtype import cpu_record, resolve_dtype
-    from pa_jax.models.load import load
+    from pa_jax.models import load
     from pa_jax.models.shared import shared_trunk
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))

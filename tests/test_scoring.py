@@ -16,7 +16,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    from pa_jax.models.load import load
+    from pa_jax.models import load
 
     d = tmp_path_factory.mktemp("pair")
     tp = save_tiny_llama(d / "policy", 320, 0)

@@ -81,9 +81,6 @@ def add_common_arguments(p: argparse.ArgumentParser, *, token_agg: str = "mean",
     p.add_argument("--no-share-prefix", action="store_true", help="do not reuse a prefix shared by all trajectories")
     p.add_argument("--no-pack", action="store_true", help="do not pack short trajectories into one row")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from pa_jax.commands._merge import add_merge_arguments
-
-    add_merge_arguments(p)
 
 
 def resolve_dtype_arg(args: argparse.Namespace) -> None:
@@ -131,7 +128,7 @@ def write_results(path: str | None, obj: dict) -> None:
 def load_model(path: str, *, dtype: str, mesh=None, role: str, base: str | None = None):
     """(config, model) of a checkpoint, or of a PEFT LoRA adapter directory merged into ``base`` (default: the
     adapter's local base_model_name_or_path); any failure becomes a ValueError naming the option and path."""
-    from pa_jax.models.load import load as load_checkpoint
+    from pa_jax.models import load as load_checkpoint
 
     p = pathlib.Path(path)
     if not p.exists():

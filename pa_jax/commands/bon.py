@@ -14,10 +14,12 @@ import numpy as np
 from pa_jax.apps import bon
 from pa_jax.commands import _analyses as X
 from pa_jax.commands import _common as C
+from pa_jax.commands import _merge as M
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     C.add_common_arguments(p, token_agg="mean", step_agg="mean")
+    M.add_merge_arguments(p)  # --reference-merge: a sweep over merged references (pa_jax.commands._merge)
     p.add_argument("--success-threshold", type=float, default=1.0, help="success = reward >= this (default 1)")
     X.add_arguments(p, kind="bon")
 

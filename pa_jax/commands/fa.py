@@ -15,10 +15,12 @@ import argparse
 from pa_jax.apps import fa
 from pa_jax.commands import _analyses as X
 from pa_jax.commands import _common as C
+from pa_jax.commands import _merge as M
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     C.add_common_arguments(p, token_agg="sum", step_agg="mean")
+    M.add_merge_arguments(p)  # --reference-merge: a sweep over merged references (pa_jax.commands._merge)
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 3], help="k of the progress k-advantage rule")
     p.add_argument("--gamma", type=float, nargs="+", default=[1.0],
                    help="discount(s) of the k-advantage window, in (0, 1] (default 1: undiscounted)")

@@ -13,11 +13,13 @@ import pathlib
 
 from pa_jax.apps.per_token import per_token_record, scored_token_ids
 from pa_jax.commands import _common as C
+from pa_jax.commands import _merge as M
 from pa_jax.io import atomic_write_bytes, atomic_write_text, dumps_strict
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     C.add_common_arguments(p, token_agg="mean", step_agg="mean")
+    M.add_merge_arguments(p)  # --reference-merge: a sweep over merged references (pa_jax.commands._merge)
     p.add_argument("--jsonl", default=None, help="JSON-lines output (default: <--out without .json>.jsonl, or stdout)")
     p.add_argument("--per-token", default=None, metavar="FILE.jsonl",
                    help="also write per-token beta * log-ratio and policy log-prob of every scored action token "

@@ -13,10 +13,12 @@ import numpy as np
 from pa_jax.apps import uq
 from pa_jax.commands import _analyses as X
 from pa_jax.commands import _common as C
+from pa_jax.commands import _merge as M
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     C.add_common_arguments(p, token_agg="mean", step_agg="mean,last,max,min,bottom10")
+    M.add_merge_arguments(p)  # --reference-merge: a sweep over merged references (pa_jax.commands._merge)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds for isotonic calibration")
     p.add_argument("--bins", type=int, default=10, help="equal-width bins of the ECE")

@@ -23,12 +23,13 @@ from flax import nnx
 from pa_jax.head import head_statistics
 from pa_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeConfig
 from pa_jax.models.decoder import Decoder, KVCache, concat_kv
-from pa_jax.models.load import load, load_from_tensors, open_safetensors_dir, save_pretrained
+from pa_jax.models.load import load_checkpoint, load_from_tensors, open_safetensors_dir, save_pretrained
 from pa_jax.models.lora import (
     Adapter,
     LoraSpec,
     apply_lora,
     init_lora,
+    load,
     load_with_adapter,
     lora_scaling,
     read_peft_adapter,
@@ -52,6 +53,7 @@ __all__ = [
     "concat_kv",
     "forward",
     "load",
+    "load_checkpoint",
     "load_from_tensors",
     "open_safetensors_dir",
     "save_pretrained",

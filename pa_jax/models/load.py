@@ -283,22 +283,18 @@ def _default_sharding_fn(mesh) -> ShardingFn:
     return S.as_sharding_config(mesh).param_sharding
 
 
-def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, sharding_fn: ShardingFn | None = None,
-         base: str | os.PathLike | None = None):
+def load_checkpoint(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, sharding_fn: ShardingFn | None = None):
     """(config, model) from a Hugging Face directory (config.json + *.safetensors) or a .gguf file.
 
     dtype: parameter/compute dtype ("bfloat16" or "float32"). mesh: a jax Mesh; parameters are laid out by
     ``sharding_fn`` (default: pa_jax.models.sharding's rules), each device reading only its own slice.
-    A PEFT LoRA adapter directory (adapter_config.json) is loaded on top of ``base`` (HF directory or .gguf;
-    default: the adapter's local base_model_name_or_path) and merged: see pa_jax.models.lora.load_with_adapter.
+    A PEFT LoRA adapter directory is loaded by pa_jax.models.load (pa_jax.models.lora.load), which calls this
+    for its base.
     """
     p = pathlib.Path(path)
-    from pa_jax.models import lora
-
-    if lora.is_adapter_dir(p):
-        return lora.load_with_adapter(p, base, dtype=dtype, mesh=mesh, sharding_fn=sharding_fn)
-    if base is not None:
-        raise ValueError(f"base={base} given but {p} is not a PEFT adapter directory (no adapter_config.json)")
+    if (p / "adapter_config.json").is_file():
+        raise ValueError(f"{p} is a PEFT adapter directory: load it over its base with "
+                         "pa_jax.models.load(adapter_dir, base=BASE) (pa_jax.models.lora.load)")
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ValueError(f"GGUF file {p} does not exist")

@@ -41,7 +41,6 @@ import math
 import os
 import pathlib
 import re
-import struct
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -52,7 +51,9 @@ import numpy as np
 from flax import nnx
 
 from pa_jax.models import params as P
+from pa_jax.io import atomic_write_json
 from pa_jax.models.config import ModelConfig
+from pa_jax.models.load import load_checkpoint, open_safetensors_file, write_safetensors
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -420,8 +421,6 @@ def read_peft_adapter(adapter_dir: str | os.PathLike, config: ModelConfig, *, dt
 
     The arrays come back as NumPy ``dtype`` (float32 by default: the merge is done in float32).
     """
-    from pa_jax.models.load import open_safetensors_file
-
     d = pathlib.Path(adapter_dir)
     spec = read_adapter_config(d)
     wf = d / WEIGHTS_NAME
@@ -511,12 +510,10 @@ def load_with_adapter(adapter_dir: str | os.PathLike, base: str | os.PathLike | 
     (W + s * B @ A in float32, cast to ``dtype``). ``base`` defaults to the adapter's local
     ``base_model_name_or_path`` (:func:`resolve_base`).
     """
-    from pa_jax.models.load import load
-
     base_path = resolve_base(adapter_dir, base)
     if is_adapter_dir(base_path):
         raise ValueError(f"base {base_path} is itself an adapter directory (stacked adapters are not supported)")
-    config, model = load(base_path, dtype=dtype, mesh=mesh, sharding_fn=sharding_fn)
+    config, model = load_checkpoint(base_path, dtype=dtype, mesh=mesh, sharding_fn=sharding_fn)
     shapes = {P.path_str(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(model))}
     adapter = read_peft_adapter(adapter_dir, config, shapes=shapes)
     merge_adapter(model, adapter, donate=True)  # the freshly loaded weights are held by nothing else
@@ -553,29 +550,6 @@ def init_lora(config: ModelConfig, target_modules, r: int, key: jax.Array, *, la
     return out
 
 
-def _safetensors_writer(arrays: Mapping[str, np.ndarray]):
-    from pa_jax.models.load import _ST_NAMES
-
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    off = 0
-    for k in sorted(arrays):
-        a = arrays[k]
-        if a.dtype not in _ST_NAMES:
-            raise ValueError(f"tensor {k!r}: dtype {a.dtype} cannot be written to safetensors")
-        header[k] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
-        off += a.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-
-    def write(f):
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for k in sorted(arrays):
-            f.write(np.ascontiguousarray(arrays[k]).tobytes())
-
-    return write
-
-
 def _targets_for(config: ModelConfig, modules: Mapping[str, str]) -> dict[str, Any]:
     """target_modules (+ layers_to_transform) selecting exactly ``modules`` (path -> module) in the base."""
     shapes = param_shapes(config)
@@ -603,8 +577,6 @@ def write_peft_adapter(adapter_dir: str | os.PathLike, lora_params: Mapping[str,
     to select exactly the adapted modules. ``extra_config``: further LoraConfig fields to write (only
     LoraConfig fields: this is PEFT's config file).
     """
-    from pa_jax.io import atomic_write_bytes, atomic_write_json
-
     shapes = param_shapes(config)
     linear = {p: m for m, p in _linear_modules(config, shapes).items()}
     arrays, modules, ranks = {}, {}, {}
@@ -632,6 +604,20 @@ def write_peft_adapter(adapter_dir: str | os.PathLike, lora_params: Mapping[str,
     }
     d = pathlib.Path(adapter_dir)
     d.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(d / WEIGHTS_NAME, _safetensors_writer(arrays))
+    write_safetensors(d / WEIGHTS_NAME, arrays)
     atomic_write_json(d / CONFIG_NAME, cfg)
     return d
+
+
+def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, sharding_fn=None,
+         base: str | os.PathLike | None = None):
+    """(config, model) of any local checkpoint: a Hugging Face directory or .gguf file
+    (:func:`pa_jax.models.load.load_checkpoint`), or a PEFT LoRA adapter directory merged into ``base``
+    (:func:`load_with_adapter`; ``base`` defaults to the adapter's local base_model_name_or_path). This is
+    ``pa_jax.models.load``."""
+    p = pathlib.Path(path)
+    if is_adapter_dir(p):
+        return load_with_adapter(p, base, dtype=dtype, mesh=mesh, sharding_fn=sharding_fn)
+    if base is not None:
+        raise ValueError(f"base={base} given but {p} is not a PEFT adapter directory (no adapter_config.json)")
+    return load_checkpoint(p, dtype=dtype, mesh=mesh, sharding_fn=sharding_fn)
