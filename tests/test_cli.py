@@ -6,12 +6,7 @@ import numpy as np
 import pytest
 
 from pa_jax.cli import main
-from helpers import authors_ids, cli_checkpoints, cli_fails, oracle_pa, tau_sim, who_and_when_split
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    return cli_checkpoints(tmp_path_factory.mktemp("ckpt"))
+from helpers import authors_ids, cli_fails, oracle_pa, tau_sim, who_and_when_split
 
 
 def test_uq_end_to_end(ckpts, tmp_path, capsys):

@@ -7,12 +7,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from pa_jax.apps import select
-from helpers import authors_ids, cli_checkpoints, cli_fails, cli_ok, tau_sim, torch_token_logprobs, who_and_when_split
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    return cli_checkpoints(tmp_path_factory.mktemp("ckpt"))
+from helpers import authors_ids, cli_fails, cli_ok, tau_sim, torch_token_logprobs, who_and_when_split
 
 
 def test_uq_heldout_extra_scores_preset(ckpts, tmp_path, capsys):
