@@ -10,6 +10,9 @@ untouched. Files get the usual ``0666 & ~umask`` permissions (``mkstemp`` alone 
 
 Strict JSON: ``NaN`` and ``inf`` are not JSON; ``dumps_strict`` writes them as ``null`` (the caller
 records why a value is undefined next to it) and converts NumPy scalars/arrays and paths.
+
+JSON lines: ``iter_jsonl`` / ``read_jsonl`` read one JSON object per non-blank line; a bad line is a
+``JSONLError`` (a ValueError) naming the file and the line number.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -91,6 +94,40 @@ def dumps_strict(obj: Any, indent: int | None = 2) -> str:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as strict JSON (``dumps_strict``) to ``path`` atomically, with a final newline."""
     atomic_write_text(path, dumps_strict(obj) + "\n")
+
+
+class JSONLError(ValueError):
+    """A JSON-lines file that is not one JSON object per non-blank line; the message names the file and,
+    where there is one, the line."""
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of the UTF-8 file ``path`` (numbers from 1, blank
+    lines skipped but counted), read lazily in order. A line that is not JSON, or not a JSON object, is a
+    :class:`JSONLError` ``"<path> line <n>: ..."``; text that is not UTF-8 is one naming the file. A missing
+    or unreadable file raises the ``OSError`` itself (``FileNotFoundError``...), for the caller to name the
+    option it came from. Python's ``json`` reader is used as is, so the bare ``NaN`` / ``Infinity`` tokens
+    parse as floats (callers that need finite numbers check them)."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise JSONLError(f"{path}: not UTF-8 text ({e})") from None
+    for ln, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise JSONLError(f"{path} line {ln}: malformed JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise JSONLError(f"{path} line {ln}: expected a JSON object, got {type(obj).__name__}")
+        yield ln, obj
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The JSON objects of ``path``, one per non-blank line, in order (errors: see :func:`iter_jsonl`)."""
+    return [obj for _, obj in iter_jsonl(path)]
 
 
 def remove_stale_temps(directory: str | os.PathLike, name: str | None = None, *,

@@ -442,6 +442,16 @@ class MergeOptions:
         if self.rescale is not None and not isinstance(self.rescale, bool):
             raise ValueError(f"rescale={self.rescale!r}: expected True, False or None")
 
+    @classmethod
+    def of(cls, method: str, options: Mapping[str, Any], where: str = "merge") -> "MergeOptions":
+        """The options of ``method`` from keyword knobs (the fields after ``method``; missing ones take their
+        defaults); an unknown knob is a TypeError naming it and the known ones."""
+        knobs = tuple(f.name for f in dataclasses.fields(cls) if f.name != "method")
+        unknown = sorted(set(options) - set(knobs))
+        if unknown:
+            raise TypeError(f"{where}: unknown option(s) {', '.join(unknown)} (the options are {', '.join(knobs)})")
+        return cls(method, **options)
+
     @property
     def effective_rescale(self) -> bool:
         if self.rescale is not None:
@@ -461,13 +471,11 @@ class MergeOptions:
         return d
 
 
-def _gta_tensor(name: str, base, members: Sequence, opts: MergeOptions):
-    """Merged tau (float32) of one float tensor for ties / dare_linear / dare_ties: TIES thresholds by
-    selection on the host (:func:`magnitude_trim`'s), DARE keys from (seed, name, member), then
-    :func:`gta_tau`."""
+def _gta_args(name: str, base, members: Sequence, opts: MergeOptions) -> tuple:
+    """(thresholds, keys, static knobs) of :func:`gta_tau` for one tensor of ties / dare_linear / dare_ties:
+    TIES thresholds by selection on the host (:func:`magnitude_trim`'s), DARE keys from (seed, name, member);
+    no sparsification at density 1."""
     sparsify, consensus, normalize, _ = _GTA[opts.method]
-    base = _dev(base)
-    members = tuple(_dev(m) for m in members)
     if opts.density >= 1.0:
         sparsify = None
     thresholds = keys = None
@@ -475,8 +483,16 @@ def _gta_tensor(name: str, base, members: Sequence, opts: MergeOptions):
         thresholds = tuple(magnitude_threshold(task_vector(m, base), opts.density) for m in members)
     elif sparsify == "random":
         keys = tuple(dare_key(opts.seed, name, i) for i in range(len(members)))
-    return gta_tau(base, members, thresholds, keys, sparsify=sparsify, consensus=consensus, normalize=normalize,
-                   density=opts.density, rescale=opts.effective_rescale)
+    return thresholds, keys, dict(sparsify=sparsify, consensus=consensus, normalize=normalize, density=opts.density,
+                                  rescale=opts.effective_rescale)
+
+
+def _gta_tensor(name: str, base, members: Sequence, opts: MergeOptions):
+    """Merged tau (float32) of one float tensor for ties / dare_linear / dare_ties (:func:`gta_tau`)."""
+    base = _dev(base)
+    members = tuple(_dev(m) for m in members)
+    thresholds, keys, static = _gta_args(name, base, members, opts)
+    return gta_tau(base, members, thresholds, keys, **static)
 
 
 @dataclasses.dataclass
@@ -509,14 +525,20 @@ class MergedDelta:
         return jax.tree_util.tree_unflatten(self.treedef, [out[n] for n in self.base])
 
 
+def _extra_policies(method: str, extra_policies) -> list:
+    """``extra_policies`` as a list; refused for ``linear`` (it merges the policy only)."""
+    extra_policies = list(extra_policies or ())
+    if method == "linear" and extra_policies:
+        raise ValueError("extra_policies: linear merging uses only the policy; pass them to ties, dare_ties or emr")
+    return extra_policies
+
+
 def _collect_members(reference, policy, extra_policies, anchor, method):
     """(base flat, treedef, member flats or LoraDeltas, target index, is_lora), the authors' layout:
     members = [policy] (+ [reference] when an anchor is the base; the target is then the reference)
     + extra_policies."""
     ref_flat, treedef = flatten_named(reference)
-    extra_policies = list(extra_policies or ())
-    if method == "linear" and extra_policies:
-        raise ValueError("extra_policies: linear merging uses only the policy; pass them to ties, dare_ties or emr")
+    extra_policies = _extra_policies(method, extra_policies)
     labelled = [("policy", policy)] + [(f"extra_policies[{i}]", e) for i, e in enumerate(extra_policies)]
     lora = [lbl for lbl, m in labelled if isinstance(m, LoraDelta)]
     if lora:
@@ -541,24 +563,15 @@ def _collect_members(reference, policy, extra_policies, anchor, method):
     return base, treedef, [flats[lbl] for lbl, _ in labelled], target, False
 
 
-def merged_delta(
-    reference,
-    policy,
-    method: str = "linear",
-    *,
-    extra_policies: Sequence = (),
-    anchor=None,
-    density: float = DEFAULT_DENSITY,
-    seed: int = 0,
-    rescale: bool | None = None,
-    emr_norm: str = "tensor_mean",
-) -> MergedDelta:
+def merged_delta(reference, policy, method: str = "linear", *, extra_policies: Sequence = (), anchor=None,
+                 **options) -> MergedDelta:
     """Compute a merge once for many alphas: tau (or, for linear, the policy endpoint) per tensor.
 
     reference, policy, extra_policies, anchor: parameter pytrees of one architecture (same names and
     shapes), NumPy or JAX arrays; policy (and every extra policy) may instead be a :class:`LoraDelta`.
-    See the module docstring for members/base/target and :class:`MergeOptions` for the knobs."""
-    opts = MergeOptions(method, density, seed, rescale, emr_norm)
+    options: the knobs of :class:`MergeOptions` (``density``, ``seed``, ``rescale``, ``emr_norm``; defaults
+    there). See the module docstring for members/base/target."""
+    opts = MergeOptions.of(method, options, "merged_delta")
     base, treedef, members, target, is_lora = _collect_members(reference, policy, extra_policies, anchor, method)
     numpy_in = _all_numpy(base.values())
     info = {**opts.as_dict(), "members": len(members), "anchor": anchor is not None, "lora": is_lora}
@@ -738,22 +751,11 @@ def _emr_apply(base, members, lam, alpha, *, target):
     return add_scaled(base, (eff * lam).astype(base.dtype), alpha)
 
 
-def merge_checkpoints(
-    reference,
-    policy,
-    out,
-    alpha: float,
-    method: str = "linear",
-    *,
-    extra_policies: Sequence = (),
-    anchor=None,
-    density: float = DEFAULT_DENSITY,
-    seed: int = 0,
-    rescale: bool | None = None,
-    emr_norm: str = "tensor_mean",
-) -> dict:
+def merge_checkpoints(reference, policy, out, alpha: float, method: str = "linear", *,
+                      extra_policies: Sequence = (), anchor=None, **options) -> dict:
     """Merge checkpoint directories on disk, tensor by tensor, into ``out`` (config.json, tokenizer files of
     the base, one ``model.safetensors``); returns the merge info (also in the file's ``__metadata__``).
+    options: the knobs of :class:`MergeOptions`, as for :func:`merged_delta`.
 
     Each source tensor is memory-mapped and read only while its output tensor is computed; the output is
     streamed into one file written atomically (``pa_jax.io.atomic_write_bytes``). Peak memory is therefore
@@ -762,10 +764,8 @@ def merge_checkpoints(
     per-tensor functions); directories must share config architecture fields, tensor names and shapes."""
 
     a = check_alpha(alpha)
-    opts = MergeOptions(method, density, seed, rescale, emr_norm)
-    extra_policies = list(extra_policies or ())
-    if method == "linear" and extra_policies:
-        raise ValueError("extra_policies: linear merging uses only the policy; pass them to ties, dare_ties or emr")
+    opts = MergeOptions.of(method, options, "merge_checkpoints")
+    extra_policies = _extra_policies(method, extra_policies)
     ref_p, ref_t = _open(reference, "reference")
     pol_p, pol_t = _open(policy, "policy")
     sources = {"reference": (ref_p, ref_t), "policy": (pol_p, pol_t)}
@@ -814,16 +814,8 @@ def merge_checkpoints(
         elif method == "emr":
             r = _emr_apply(bj, ms, jnp.float32(lam), jnp.float32(a), target=target)
         else:
-            sparsify, consensus, normalize, _ = _GTA[method]
-            if opts.density >= 1.0:
-                sparsify = None
-            thresholds = keys = None
-            if sparsify == "magnitude":
-                thresholds = tuple(magnitude_threshold(task_vector(m, bj), opts.density) for m in ms)
-            elif sparsify == "random":
-                keys = tuple(dare_key(opts.seed, name, i) for i in range(len(ms)))
-            r = _gta_apply(bj, ms, thresholds, keys, jnp.float32(a), sparsify=sparsify, consensus=consensus,
-                           normalize=normalize, density=opts.density, rescale=opts.effective_rescale)
+            thresholds, keys, static = _gta_args(name, bj, ms, opts)
+            r = _gta_apply(bj, ms, thresholds, keys, jnp.float32(a), **static)
         del bj, ms
         return np.asarray(jax.device_get(r))
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import pathlib
 
 import matplotlib
 
@@ -10,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402,F401
 
 from pa_jax.io import atomic_write_bytes  # noqa: E402
+from pa_jax.io import read_jsonl as _read_jsonl  # noqa: E402
 
 
 def read_json(path: str) -> dict:
@@ -25,23 +25,12 @@ def read_json(path: str) -> dict:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """JSON objects, one per non-blank line; errors name the file and the line."""
-    out = []
+    """JSON objects, one per non-blank line (``pa_jax.io.read_jsonl``: errors name the file and the line);
+    an unreadable file is a ValueError naming it too."""
     try:
-        lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
+        return _read_jsonl(path)
     except OSError as exc:
         raise ValueError(f"{path}: cannot read ({exc})") from exc
-    for ln, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} line {ln}: malformed JSON ({exc.msg})") from exc
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path} line {ln}: expected a JSON object")
-        out.append(obj)
-    return out
 
 
 def need(obj: dict, fields, where: str) -> None:

@@ -20,3 +20,11 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA} (set PA_JAX_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """The CLI tests' tiny checkpoints (``helpers.cli_checkpoints``): (folder, tokenizer, PyTorch models)."""
+    from helpers import cli_checkpoints
+
+    return cli_checkpoints(tmp_path_factory.mktemp("ckpt"))

@@ -8,7 +8,9 @@ uses only the NumPy oracles does not pay for them.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import numpy as np
 
@@ -133,3 +135,120 @@ def tiny_tokenizer(corpus=("hello world [assistant]: tool_call(f, {'x': 1}) [use
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+# ----------------------------------------------------------------------------------------------
+# the CLI tests' checkpoints, trajectory files, PyTorch oracle and runners
+
+
+def save_policy_reference(d):
+    """A tiny llama policy (seed 0) and reference (seed 1) sharing ``tiny_tokenizer(CORPUS)``, saved under
+    ``d/policy`` and ``d/reference``; returns (tokenizer, {"policy": hf model, "reference": hf model})."""
+    tok = tiny_tokenizer(CORPUS)
+    models = {}
+    for name, seed in (("policy", 0), ("reference", 1)):
+        models[name] = save_tiny_llama(d / name, 320, seed)
+        tok.save_pretrained(d / name)
+    return tok, models
+
+
+def cli_checkpoints(d):
+    """``save_policy_reference(d)`` plus two checkpoints the CLI must refuse as a reference: ``d/other``
+    (another tokenizer) and ``d/bert`` (not a causal LM); returns (d, tokenizer, models)."""
+    tok, models = save_policy_reference(d)
+    other = tiny_tokenizer(("a different corpus, so a different vocabulary",))
+    save_tiny_llama(d / "other", 320, 2)
+    other.save_pretrained(d / "other")
+    (d / "bert").mkdir()
+    (d / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 320}))
+    tok.save_pretrained(d / "bert")
+    return d, tok, models
+
+
+def tau_sim(i, task, reward):
+    """A tau-bench simulation ``s{i}`` of task ``task`` with words of CORPUS drawn with seed ``i``: three
+    assistant messages (one a tool call), the last two of different lengths for different ``i``."""
+    rng = np.random.default_rng(i)
+    words = CORPUS[0].split()
+    say = lambda n: " ".join(rng.choice(words, n))  # noqa: E731
+    return {"id": f"s{i}", "task_id": task, "reward_info": {"reward": reward}, "messages": [
+        {"role": "user", "content": say(5)},
+        {"role": "assistant", "content": say(4 + i % 3)},
+        {"role": "user", "content": say(3)},
+        {"role": "assistant", "content": None, "tool_calls": [{"name": "search", "arguments": {"q": say(2)}}]},
+        {"role": "tool", "content": say(4)},
+        {"role": "assistant", "content": say(3 + i % 4)},
+    ]}
+
+
+def who_and_when_split(root, n, *, unlabeled=False):
+    """``root/Algorithm-Generated/{1..n}.json``: Who&When items of 5 messages from CORPUS words, item i
+    with mistake_step i % 5 and mistake_agent ``Agent{i % 3}``; ``unlabeled``: one more item without
+    labels (``{n + 1}.json``), which fa must skip. Returns the split folder."""
+    split = root / "Algorithm-Generated"
+    split.mkdir()
+    words = CORPUS[0].split()
+    for i in range(n):
+        hist = [{"role": "user" if j % 2 == 0 else "assistant", "name": f"Agent{j % 3}",
+                 "content": " ".join(words[(i + j) % 5:(i + j) % 5 + 4])} for j in range(5)]
+        (split / f"{i + 1}.json").write_text(json.dumps({"history": hist, "mistake_step": str(i % 5),
+                                                         "mistake_agent": f"Agent{i % 3}", "question_ID": f"q{i}"}))
+    if unlabeled:
+        (split / f"{n + 1}.json").write_text(json.dumps({"history": [{"role": "user", "name": "A", "content": "x"}]}))
+    return split
+
+
+def authors_ids(sim, tok):
+    """Token ids of the authors' rendering of one simulation, and the [start, end) span of each
+    assistant message."""
+    ids, spans = [tok.bos_token_id], []
+    for j, m in enumerate(sim["messages"]):
+        sep = "\n" if j else ""
+        if m["role"] == "assistant":
+            tc = "".join(f"\ntool_call({c['name']}, {c['arguments']})" for c in m.get("tool_calls") or [])
+            text = f"{sep}[assistant]: {((m['content'] or '') + tc).strip()}"
+        else:
+            text = f"{sep}[{m['role']}]: {m['content']}"
+        piece = tok.encode(text, add_special_tokens=False)
+        if m["role"] == "assistant":
+            spans.append((len(ids), len(ids) + len(piece)))
+        ids += piece
+    return ids, spans
+
+
+def torch_token_logprobs(model, ids) -> np.ndarray:
+    """log p(ids[t + 1] | ids[:t + 1]) for t < len(ids) - 1, from a PyTorch forward in float64."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
+
+
+def oracle_pa(models, tok, path):
+    """Progress advantage per trajectory, mean over steps of (mean policy - mean reference log-prob)
+    over each assistant message's tokens, from PyTorch forwards of the authors' rendering."""
+    out = []
+    for sim in json.loads(path.read_text())["simulations"]:
+        ids, spans = authors_ids(sim, tok)
+        lp = {k: torch_token_logprobs(models[k], ids) for k in ("policy", "reference")}
+        out.append(np.mean([lp["policy"][s - 1:e - 1].mean() - lp["reference"][s - 1:e - 1].mean() for s, e in spans]))
+    return np.array(out)
+
+
+def cli_ok(argv):
+    """``pa-jax argv`` succeeds (exit status 0)."""
+    from pa_jax.cli import main
+
+    assert main(argv) == 0
+
+
+def cli_fails(capsys, argv, pattern):
+    """``pa-jax argv`` ends with exit status 2 and a message on stderr matching ``pattern``, no traceback."""
+    from pa_jax.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(pattern, err), err
+    assert "Traceback" not in err

@@ -1,84 +1,18 @@
 """`pa-jax score|uq|bon|fa` end to end on tiny random checkpoints and small synthetic trajectory files."""
 import hashlib
 import json
-import re
 
 import numpy as np
 import pytest
-import torch
 
 from pa_jax.cli import main
-from helpers import CORPUS, save_tiny_llama, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    tok = tiny_tokenizer(CORPUS)
-    models = {}
-    for name, seed in (("policy", 0), ("reference", 1)):
-        models[name] = save_tiny_llama(d / name, 320, seed)
-        tok.save_pretrained(d / name)
-    other = tiny_tokenizer(("a different corpus, so a different vocabulary",))
-    save_tiny_llama(d / "other", 320, 2)
-    other.save_pretrained(d / "other")
-    (d / "bert").mkdir()
-    (d / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 320}))
-    tok.save_pretrained(d / "bert")
-    return d, tok, models
-
-
-def _sim(i, task, reward):
-    rng = np.random.default_rng(i)
-    words = CORPUS[0].split()
-    say = lambda n: " ".join(rng.choice(words, n))  # noqa: E731
-    return {"id": f"s{i}", "task_id": task, "reward_info": {"reward": reward}, "messages": [
-        {"role": "user", "content": say(5)},
-        {"role": "assistant", "content": say(4 + i % 3)},
-        {"role": "user", "content": say(3)},
-        {"role": "assistant", "content": None, "tool_calls": [{"name": "search", "arguments": {"q": say(2)}}]},
-        {"role": "tool", "content": say(4)},
-        {"role": "assistant", "content": say(3 + i % 4)},
-    ]}
-
-
-def _authors_ids(sim, tok):
-    """Token ids of the authors' rendering of one simulation, and the [start, end) span of each
-    assistant message."""
-    ids, spans = [tok.bos_token_id], []
-    for j, m in enumerate(sim["messages"]):
-        sep = "\n" if j else ""
-        if m["role"] == "assistant":
-            tc = "".join(f"\ntool_call({c['name']}, {c['arguments']})" for c in m.get("tool_calls") or [])
-            text = f"{sep}[assistant]: {((m['content'] or '') + tc).strip()}"
-        else:
-            text = f"{sep}[{m['role']}]: {m['content']}"
-        piece = tok.encode(text, add_special_tokens=False)
-        if m["role"] == "assistant":
-            spans.append((len(ids), len(ids) + len(piece)))
-        ids += piece
-    return ids, spans
-
-
-def _oracle_pa(models, tok, path):
-    """Progress advantage per trajectory, mean over steps of (mean policy - mean reference log-prob)
-    over each assistant message's tokens, from PyTorch forwards of the authors' rendering."""
-    out = []
-    for sim in json.loads(path.read_text())["simulations"]:
-        ids, spans = _authors_ids(sim, tok)
-        lp = {}
-        for k in ("policy", "reference"):
-            with torch.no_grad():
-                logits = models[k](torch.tensor([ids])).logits[0].double()
-            lp[k] = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
-        out.append(np.mean([lp["policy"][s - 1:e - 1].mean() - lp["reference"][s - 1:e - 1].mean() for s, e in spans]))
-    return np.array(out)
+from helpers import authors_ids, cli_fails, oracle_pa, tau_sim, who_and_when_split
 
 
 def test_uq_end_to_end(ckpts, tmp_path, capsys):
     d, tok, models = ckpts
     data = tmp_path / "sims.json"
-    data.write_text(json.dumps({"simulations": [_sim(i, f"t{i // 2}", float(i % 2)) for i in range(10)]}))
+    data.write_text(json.dumps({"simulations": [tau_sim(i, f"t{i // 2}", float(i % 2)) for i in range(10)]}))
     out = tmp_path / "uq.json"
     rc = main(["uq", "--policy", str(d / "policy"), "--reference", str(d / "reference"), "--data", str(data),
                "--dtype", "float32", "--step-agg", "mean,min", "--token-agg", "mean", "--bootstrap", "50",
@@ -90,7 +24,7 @@ def test_uq_end_to_end(ckpts, tmp_path, capsys):
     assert res["inputs"] == {str(data): hashlib.sha256(data.read_bytes()).hexdigest()}
     assert res["versions"]["jax"] and res["config"]["beta"] == 1.0 and res["n_scored"] == 10
     pa = np.array(res["scores"]["progress_advantage/mean/mean"])
-    np.testing.assert_allclose(pa, _oracle_pa(models, tok, data), atol=2e-4)
+    np.testing.assert_allclose(pa, oracle_pa(models, tok, data), atol=2e-4)
     from sklearn.metrics import roc_auc_score
 
     m = res["metrics"]["progress_advantage/mean/mean"]
@@ -98,7 +32,7 @@ def test_uq_end_to_end(ckpts, tmp_path, capsys):
     assert {"policy_logprob/mean/min", "self_certainty", "deepconf_tail"} <= set(res["metrics"])
     # length controls: minus the number of tokens / steps of each trajectory
     sims = json.loads(data.read_text())["simulations"]
-    n_tok = np.array([len(_authors_ids(sim, tok)[0]) for sim in sims], float)
+    n_tok = np.array([len(authors_ids(sim, tok)[0]) for sim in sims], float)
     np.testing.assert_array_equal(res["scores"]["length_control/tokens"], -n_tok)
     np.testing.assert_array_equal(res["scores"]["length_control/steps"], -3.0)
     assert res["metrics"]["length_control/tokens"]["auroc"] == pytest.approx(
@@ -117,7 +51,7 @@ def test_bon_score_and_same_model_sanity(ckpts, tmp_path):
     d, tok, models = ckpts
     for trial in range(3):
         (tmp_path / f"trial_{trial}").mkdir()
-        sims = [_sim(10 * trial + k, f"task{k}", float((trial + k) % 2)) for k in range(3)]
+        sims = [tau_sim(10 * trial + k, f"task{k}", float((trial + k) % 2)) for k in range(3)]
         (tmp_path / f"trial_{trial}" / "airline.json").write_text(json.dumps({"simulations": sims}))
     out = tmp_path / "bon.json"
     assert main(["bon", "--policy", str(d / "policy"), "--reference", str(d / "policy"), "--data", str(tmp_path),
@@ -141,15 +75,7 @@ def test_bon_score_and_same_model_sanity(ckpts, tmp_path):
 
 def test_fa_who_and_when(ckpts, tmp_path):
     d, tok, models = ckpts
-    split = tmp_path / "Algorithm-Generated"
-    split.mkdir()
-    words = CORPUS[0].split()
-    for i in range(4):
-        hist = [{"role": "user" if j % 2 == 0 else "assistant", "name": f"Agent{j % 3}",
-                 "content": " ".join(words[(i + j) % 5:(i + j) % 5 + 4])} for j in range(5)]
-        (split / f"{i + 1}.json").write_text(json.dumps({"history": hist, "mistake_step": str(i % 5),
-                                                         "mistake_agent": f"Agent{i % 3}", "question_ID": f"q{i}"}))
-    (split / "9.json").write_text(json.dumps({"history": [{"role": "user", "name": "A", "content": "x"}]}))
+    who_and_when_split(tmp_path, 4, unlabeled=True)
     out = tmp_path / "fa.json"
     assert main(["fa", "--policy", str(d / "policy"), "--reference", str(d / "reference"), "--data", str(tmp_path),
                  "--dtype", "float32", "--out", str(out), "--no-progress", "--k", "1", "2"]) == 0
@@ -190,23 +116,16 @@ def _check_figure(results_json, tmp_path):
 def test_cli_bad_inputs(ckpts, tmp_path, capsys, monkeypatch):
     d, tok, models = ckpts
     data = tmp_path / "sims.json"
-    data.write_text(json.dumps({"simulations": [_sim(0, "t", 1.0)]}))
+    data.write_text(json.dumps({"simulations": [tau_sim(0, "t", 1.0)]}))
     monkeypatch.delenv("PA_JAX_TRACEBACK", raising=False)
 
-    def fails(argv, pattern):
-        """Bad input ends with exit status 2 and one line on stderr naming the problem."""
-        capsys.readouterr()
-        assert main(argv) == 2
-        err = capsys.readouterr().err
-        assert re.search(pattern, err), err
-        assert "Traceback" not in err
-
-    fails(["uq", "--policy", str(d / "policy"), "--reference", str(d / "other"), "--data", str(data)],
-          "tokenizers differ")
-    fails(["uq", "--policy", str(d / "policy"), "--reference", str(d / "bert"), "--data", str(data)],
-          "--reference .*bert.*causal LM")
-    fails(["uq", "--policy", str(d / "policy"), "--data", str(tmp_path / "nope.json")], "no such file")
-    fails(["uq", "--policy", str(d / "policy"), "--data", str(data), "--max-length", "1"], "--max-length")
+    # bad input ends with exit status 2 and one line on stderr naming the problem
+    cli_fails(capsys, ["uq", "--policy", str(d / "policy"), "--reference", str(d / "other"), "--data", str(data)],
+              "tokenizers differ")
+    cli_fails(capsys, ["uq", "--policy", str(d / "policy"), "--reference", str(d / "bert"), "--data", str(data)],
+              "--reference .*bert.*causal LM")
+    cli_fails(capsys, ["uq", "--policy", str(d / "policy"), "--data", str(tmp_path / "nope.json")], "no such file")
+    cli_fails(capsys, ["uq", "--policy", str(d / "policy"), "--data", str(data), "--max-length", "1"], "--max-length")
     # with PA_JAX_TRACEBACK set the exception propagates (for debugging)
     monkeypatch.setenv("PA_JAX_TRACEBACK", "1")
     with pytest.raises(ValueError, match="tokenizers differ"):

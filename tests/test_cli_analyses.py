@@ -1,36 +1,29 @@
 """`pa-jax uq|bon|fa|score` with the issue-20 options, end to end on tiny random checkpoints:
 held-out selection, external scores, authors' presets, FA parity options, per-token export."""
 import json
-import re
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import roc_auc_score
 
 from pa_jax.apps import select
-from pa_jax.cli import main
-from test_cli import _authors_ids, _sim, ckpts  # noqa: F401  (module fixture)
+from helpers import authors_ids, cli_fails, cli_ok, tau_sim, torch_token_logprobs, who_and_when_split
 
 
-def _run_ok(argv):
-    assert main(argv) == 0
-
-
-def test_uq_heldout_extra_scores_preset(ckpts, tmp_path, capsys):  # noqa: F811
+def test_uq_heldout_extra_scores_preset(ckpts, tmp_path, capsys):
     d, tok, models = ckpts
     data = tmp_path / "sims.json"
-    data.write_text(json.dumps({"simulations": [_sim(i, f"t{i // 2}", float(i % 2)) for i in range(12)]}))
+    data.write_text(json.dumps({"simulations": [tau_sim(i, f"t{i // 2}", float(i % 2)) for i in range(12)]}))
     rng = np.random.default_rng(0)
     ext = {f"s{i}": float(rng.normal()) for i in range(12)}
     steps = {f"s{i}": list(rng.normal(size=3)) for i in range(12)}
     (tmp_path / "rm.jsonl").write_text("".join(json.dumps({"id": k, "score": v, "step_scores": steps[k]}) + "\n"
                                                for k, v in ext.items()))
     out = tmp_path / "uq.json"
-    _run_ok(["uq", "--policy", str(d / "policy"), "--reference", str(d / "reference"), "--data", str(data),
-             "--token-agg", "mean,min", "--step-agg", "mean,min", "--bootstrap", "20", "--no-progress",
-             "--aggregation-preset", "authors:gemma4-4b:tau2-uq-airline", "--extra-scores", f"rm={tmp_path / 'rm.jsonl'}",
-             "--heldout-folds", "3", "--heldout-resamples", "50", "--out", str(out), "--cache", str(tmp_path / "c")])
+    cli_ok(["uq", "--policy", str(d / "policy"), "--reference", str(d / "reference"), "--data", str(data),
+            "--token-agg", "mean,min", "--step-agg", "mean,min", "--bootstrap", "20", "--no-progress",
+            "--aggregation-preset", "authors:gemma4-4b:tau2-uq-airline", "--extra-scores", f"rm={tmp_path / 'rm.jsonl'}",
+            "--heldout-folds", "3", "--heldout-resamples", "50", "--out", str(out), "--cache", str(tmp_path / "c")])
     res = json.loads(out.read_text())
     printed = capsys.readouterr().out
     assert "held-out selection" in printed and "in-sample best" in printed
@@ -61,18 +54,15 @@ def test_uq_heldout_extra_scores_preset(ckpts, tmp_path, capsys):  # noqa: F811
     assert pa["in_sample"]["value"] == pytest.approx(max(res["metrics"][c]["auroc"] for c in cands))
 
 
-def test_bad_analysis_options(ckpts, tmp_path, capsys):  # noqa: F811
+def test_bad_analysis_options(ckpts, tmp_path, capsys):
     d, tok, models = ckpts
     data = tmp_path / "sims.json"
-    data.write_text(json.dumps({"simulations": [_sim(i, f"t{i}", float(i % 2)) for i in range(4)]}))
+    data.write_text(json.dumps({"simulations": [tau_sim(i, f"t{i}", float(i % 2)) for i in range(4)]}))
     base = ["uq", "--policy", str(d / "policy"), "--data", str(data), "--no-progress", "--bootstrap", "10",
             "--cache", str(tmp_path / "cache")]
 
     def fails(extra, pattern):
-        capsys.readouterr()
-        assert main(base + extra) == 2
-        err = capsys.readouterr().err
-        assert re.search(pattern, err), err
+        cli_fails(capsys, base + extra, pattern)
 
     fails(["--aggregation-preset", "authors:qwen3.5-9b:tau2-uq"], r"known presets: .*authors:qwen3.5-9b:tau2-uq-airline")
     (tmp_path / "bad.jsonl").write_text('{"id": "s0", "score": 1}\n{"id": "s1", "score": NaN}\n')
@@ -84,26 +74,17 @@ def test_bad_analysis_options(ckpts, tmp_path, capsys):  # noqa: F811
     assert "metrics" in json.loads(out.read_text())  # the metrics were written before the selection failed
 
 
-def test_fa_parity_options_and_heldout(ckpts, tmp_path):  # noqa: F811
+def test_fa_parity_options_and_heldout(ckpts, tmp_path):
     d, tok, models = ckpts
-    from test_scoring import CORPUS
-
-    split = tmp_path / "Algorithm-Generated"
-    split.mkdir()
-    words = CORPUS[0].split()
-    for i in range(6):
-        hist = [{"role": "user" if j % 2 == 0 else "assistant", "name": f"Agent{j % 3}",
-                 "content": " ".join(words[(i + j) % 5:(i + j) % 5 + 4])} for j in range(5)]
-        (split / f"{i + 1}.json").write_text(json.dumps({"history": hist, "mistake_step": str(i % 5),
-                                                         "mistake_agent": f"Agent{i % 3}", "question_ID": f"q{i}"}))
+    who_and_when_split(tmp_path, 6)
     rng = np.random.default_rng(2)
     ext = {f"Algorithm-Generated/{i + 1}": list(rng.normal(size=5)) for i in range(6)}
     (tmp_path / "prm.jsonl").write_text("".join(json.dumps({"id": k, "step_scores": v}) + "\n" for k, v in ext.items()))
     out = tmp_path / "fa.json"
-    _run_ok(["fa", "--policy", str(d / "policy"), "--reference", str(d / "reference"), "--data", str(tmp_path),
-             "--out", str(out), "--no-progress", "--k", "2", "--gamma", "1", "0.5", "--threshold", "0", "0.5",
-             "--self-certainty", "--extra-scores", f"prm={tmp_path / 'prm.jsonl'}", "--heldout-folds", "2",
-             "--heldout-resamples", "20"])
+    cli_ok(["fa", "--policy", str(d / "policy"), "--reference", str(d / "reference"), "--data", str(tmp_path),
+            "--out", str(out), "--no-progress", "--k", "2", "--gamma", "1", "0.5", "--threshold", "0", "0.5",
+            "--self-certainty", "--extra-scores", f"prm={tmp_path / 'prm.jsonl'}", "--heldout-folds", "2",
+            "--heldout-resamples", "20"])
     res = json.loads(out.read_text())
     m = res["metrics"]["Algorithm-Generated"]
     assert res["config"]["token_agg"] == ["sum"]  # the authors' FA script's aggregation is the default
@@ -126,22 +107,18 @@ def test_fa_parity_options_and_heldout(ckpts, tmp_path):  # noqa: F811
     assert sel["prm"]["in_sample"]["value"] == pytest.approx(max(v["step_accuracy"] for v in m["prm/steps"].values()))
 
 
-def test_score_per_token_matches_pytorch(ckpts, tmp_path):  # noqa: F811
+def test_score_per_token_matches_pytorch(ckpts, tmp_path):
     d, tok, models = ckpts
     data = tmp_path / "sims.json"
-    sims = [_sim(i, f"t{i}", 1.0) for i in range(2)]
+    sims = [tau_sim(i, f"t{i}", 1.0) for i in range(2)]
     data.write_text(json.dumps({"simulations": sims}))
     pt = tmp_path / "pt.jsonl"
-    _run_ok(["score", "--dtype", "float32", "--policy", str(d / "policy"), "--reference", str(d / "reference"), "--data", str(data),
-             "--jsonl", str(tmp_path / "s.jsonl"), "--per-token", str(pt), "--beta", "0.5", "--no-progress"])
+    cli_ok(["score", "--dtype", "float32", "--policy", str(d / "policy"), "--reference", str(d / "reference"), "--data", str(data),
+            "--jsonl", str(tmp_path / "s.jsonl"), "--per-token", str(pt), "--beta", "0.5", "--no-progress"])
     recs = [json.loads(x) for x in pt.read_text().splitlines()]
     for sim, rec in zip(sims, recs):
-        ids, spans = _authors_ids(sim, tok)
-        lp = {}
-        for k in ("policy", "reference"):
-            with torch.no_grad():
-                logits = models[k](torch.tensor([ids])).logits[0].double()
-            lp[k] = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
+        ids, spans = authors_ids(sim, tok)
+        lp = {k: torch_token_logprobs(models[k], ids) for k in ("policy", "reference")}
         pos = np.concatenate([np.arange(s - 1, e - 1) for s, e in spans])
         np.testing.assert_allclose(rec["policy_logprob"], lp["policy"][pos], atol=2e-4)
         np.testing.assert_allclose(rec["beta_log_ratio"], 0.5 * (lp["policy"][pos] - lp["reference"][pos]), atol=2e-4)

@@ -173,3 +173,31 @@ def test_repeated_ids_keep_their_text_and_labels_are_checked(tmp_path):
     sim["messages"][1]["tool_calls"] = [{"name": None, "arguments": {}}]
     with pytest.raises(DataError, match=r"simulation 0 message 1 tool_call 0: tool call 'name' must be a non-empty"):
         load(_write(tmp_path, "tc.json", {"simulations": [sim]}))
+
+
+def test_load_tokenizer_never_uses_the_network(tmp_path, monkeypatch):
+    """``load_tokenizer`` reads local files only (HF_HUB_OFFLINE behaviour): a hub-style name that is not a
+    local path is a ValueError naming it, a saved tokenizer loads, and no network connection is even tried."""
+    import socket
+
+    from helpers import tiny_tokenizer
+
+    from pa_jax.data.tokenizers import load_tokenizer
+
+    saved = tiny_tokenizer()
+    saved.save_pretrained(tmp_path / "tok")
+    tried = []
+
+    def refuse(*args, **kwargs):
+        tried.append(args)
+        raise OSError("test: network use refused")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    with pytest.raises(ValueError, match="pa-jax-test/no-such-tokenizer: cannot load a tokenizer .*local files only"):
+        load_tokenizer("pa-jax-test/no-such-tokenizer")
+    tok = load_tokenizer(tmp_path / "tok")
+    assert tok.get_vocab() == saved.get_vocab() and tok.encode("hello world") == saved.encode("hello world")
+    assert tried == []

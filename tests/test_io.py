@@ -4,13 +4,15 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from pa_jax.io import atomic_write_bytes, atomic_write_json, atomic_write_text, dumps_strict, remove_stale_temps
+from pa_jax.io import (JSONLError, atomic_write_bytes, atomic_write_json, atomic_write_text, dumps_strict, iter_jsonl,
+                       read_jsonl, remove_stale_temps)
 
 IO_PATH = pathlib.Path(__file__).resolve().parents[1] / "pa_jax" / "io.py"
 
@@ -124,6 +126,29 @@ def test_remove_stale_temps_cleans_up_after_a_killed_writer(tmp_path):
     assert len(left) == 1 and left[0].startswith("index.json.") and left[0].endswith(".tmp")
     assert [p.name for p in remove_stale_temps(tmp_path, "index.json")] == left
     assert [p.name for p in tmp_path.iterdir()] == ["index.json"]
+
+
+def test_read_jsonl_objects_in_order_and_bad_lines_named(tmp_path):
+    """One JSON object per non-blank line, in order, blank lines skipped but counted; a bad line is an
+    error naming the file and its line number; a missing file raises FileNotFoundError itself."""
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"id": "a", "x": [1, 2]}\n\n   \n{"id": "b", "x": null}\n')
+    assert read_jsonl(p) == [{"id": "a", "x": [1, 2]}, {"id": "b", "x": None}]
+    assert [ln for ln, _ in iter_jsonl(p)] == [1, 4]
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert read_jsonl(tmp_path / "empty.jsonl") == []
+    for body, line, what in [('{"a": 1}\n\n{"a": \n', 3, "malformed JSON"),
+                             ('{"a": 1}\n[1, 2]\n', 2, "expected a JSON object, got list"),
+                             ('"text"\n', 1, "expected a JSON object, got str")]:
+        p.write_text(body)
+        with pytest.raises(JSONLError, match=f"^{re.escape(str(p))} line {line}: {what}"):
+            read_jsonl(p)
+    p.write_bytes(b'{"a": "\xff"}\n')
+    with pytest.raises(JSONLError, match=f"^{re.escape(str(p))}: not UTF-8 text"):
+        read_jsonl(p)
+    assert issubclass(JSONLError, ValueError)
+    with pytest.raises(FileNotFoundError):
+        read_jsonl(tmp_path / "nope.jsonl")
 
 
 def test_io_imports_only_the_standard_library_and_numpy():

@@ -7,7 +7,6 @@ weight) and central finite differences; a NumPy merge W + s * B @ A written here
 """
 import json
 import math
-import re
 import shutil
 
 import numpy as np
@@ -333,16 +332,9 @@ def test_gguf_base_equals_numpy_merge(tmp_path):
 def test_cli_policy_adapter_on_base(tmp_path, capsys, monkeypatch):
     """`pa-jax uq --policy ADAPTER --policy-base BASE`: progress advantage equals the PyTorch oracle of the
     authors' rendering with peft's merged model as the policy; bad combinations exit 2 naming the option."""
-    from test_cli import _oracle_pa, _sim
-    from test_render import tiny_tokenizer
-    from test_scoring import CORPUS, save_tiny_llama
+    from helpers import cli_fails, cli_ok, oracle_pa, save_policy_reference, tau_sim
 
-    from pa_jax.cli import main
-
-    tok = tiny_tokenizer(CORPUS)
-    for name, seed in (("policy", 0), ("reference", 1)):
-        save_tiny_llama(tmp_path / name, 320, seed)
-        tok.save_pretrained(tmp_path / name)
+    tok, _ = save_policy_reference(tmp_path)
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval()
     pm = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"]))
     _randomize_lora(pm, seed=5, scale=0.5)
@@ -350,27 +342,24 @@ def test_cli_policy_adapter_on_base(tmp_path, capsys, monkeypatch):
     merged = pm.merge_and_unload().eval()
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "reference").eval()
     data = tmp_path / "sims.json"
-    data.write_text(json.dumps({"simulations": [_sim(i, f"t{i // 2}", float(i % 2)) for i in range(4)]}))
+    data.write_text(json.dumps({"simulations": [tau_sim(i, f"t{i // 2}", float(i % 2)) for i in range(4)]}))
     out = tmp_path / "uq.json"
     args = ["uq", "--policy", str(tmp_path / "adapter"), "--policy-base", str(tmp_path / "policy"),
             "--reference", str(tmp_path / "reference"), "--data", str(data), "--dtype", "float32",
             "--bootstrap", "10", "--out", str(out), "--no-progress"]
-    assert main(args) == 0
+    cli_ok(args)
     res = json.loads(out.read_text())
     assert res["models"]["policy_base"] == str(tmp_path / "policy")
     pa = np.array(res["scores"]["progress_advantage/mean/mean"])
-    np.testing.assert_allclose(pa, _oracle_pa({"policy": merged, "reference": reference}, tok, data), atol=2e-4)
-    plain = _oracle_pa({"policy": transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval(),
+    np.testing.assert_allclose(pa, oracle_pa({"policy": merged, "reference": reference}, tok, data), atol=2e-4)
+    plain = oracle_pa({"policy": transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval(),
                         "reference": reference}, tok, data)
     assert np.abs(pa - plain).max() > 1e-2  # the adapter changed the scores
 
     monkeypatch.delenv("PA_JAX_TRACEBACK", raising=False)
 
     def fails(argv, pattern):
-        capsys.readouterr()
-        assert main(argv) == 2
-        err = capsys.readouterr().err
-        assert re.search(pattern, err), err
+        cli_fails(capsys, argv, pattern)
 
     common = ["--data", str(data), "--no-progress"]
     fails(["uq", "--policy", str(tmp_path / "policy"), "--policy-base", str(tmp_path / "policy")] + common,

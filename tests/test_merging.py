@@ -348,6 +348,8 @@ def test_errors(trees):
         M.merge(ref, pol, 0.5, "emr", emr_norm="max")
     with pytest.raises(ValueError, match="extra_policies: linear"):
         M.merge(ref, pol, 0.5, "linear", extra_policies=extras)
+    with pytest.raises(TypeError, match="merged_delta: unknown option.* densty .*density, seed, rescale, emr_norm"):
+        M.merge(ref, pol, 0.5, "ties", densty=0.5)
     wrong = dict(pol, **{"layers.0.q.weight": np.zeros((6, 7), np.float32)})
     with pytest.raises(ValueError, match=r"policy has differently shaped tensors: layers\.0\.q\.weight \(policy \(6, 7\), base \(6, 6\)\)"):
         M.merge(ref, wrong, 0.5)
@@ -494,6 +496,8 @@ def test_disk_merge_errors(disk_pair, tmp_path):
         M.merge_checkpoints(root / "ref", root / "pol", root / "pol", 0.5)
     with pytest.raises(ValueError, match="not a directory"):
         M.merge_checkpoints(root / "ref", root / "nope", tmp_path / "o", 0.5)
+    with pytest.raises(TypeError, match="merge_checkpoints: unknown option.* alpha_2"):
+        M.merge_checkpoints(root / "ref", root / "pol", tmp_path / "o", 0.5, "ties", alpha_2=0.1)
     assert not (tmp_path / "o" / "model.safetensors").exists()
 
 

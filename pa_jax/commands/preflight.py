@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pa_jax.data import DataError, Dataset, Trajectory, load, message_texts
-from pa_jax.data.tokenizers import check_tokenizers
+from pa_jax.data.tokenizers import check_tokenizers, load_tokenizer as _load_tokenizer
 from pa_jax.models.lora import is_adapter_dir, resolve_base
 
 # files that carry a tokenizer in a Hugging Face checkpoint directory (any one suffices)
@@ -227,20 +227,14 @@ def context_window(cfg) -> dict:
 
 
 def load_tokenizer(p: pathlib.Path, role: str) -> Any:
-    """The checkpoint's tokenizer, from local files only (``local_files_only``: never a download)."""
-    from transformers import AutoTokenizer
-
+    """The checkpoint's tokenizer (:func:`pa_jax.data.tokenizers.load_tokenizer`, local files only: never a
+    download); a failure names the option, the path and the loader's first line."""
     try:
-        if p.suffix == ".gguf":
-            try:
-                return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
-            except ImportError:  # see pa_jax.data.tokenizers.load_tokenizer: the config path needs torch, this does not
-                from transformers import PreTrainedTokenizerFast
-
-                return PreTrainedTokenizerFast.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
-        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"--{role} {p}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        return _load_tokenizer(p)
+    except ValueError as e:
+        cause = e.__cause__ or e
+        first = str(cause).splitlines()[0] if str(cause) else ""
+        raise ValueError(f"--{role} {p}: cannot load its tokenizer ({type(cause).__name__}: {first})") from None
 
 
 def max_token_id(tok: Any) -> int:

@@ -15,7 +15,6 @@ data the file lacks, are listed. Blank lines are ignored.
 """
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 import re
@@ -25,6 +24,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from pa_jax.data.schema import DataError
+from pa_jax.io import JSONLError, iter_jsonl
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -67,32 +67,28 @@ def _listing(xs: Sequence[str], limit: int = 10) -> str:
     return head + (f" ... ({len(xs)} in all)" if len(xs) > limit else "")
 
 
+def _lines(name: str, path: pathlib.Path):
+    """(line number, object) of each line (pa_jax.io.iter_jsonl), its errors as DataError."""
+    try:
+        yield from iter_jsonl(path)
+    except FileNotFoundError:
+        raise DataError(f"--extra-scores {name}={path}: no such file") from None
+    except JSONLError as e:
+        raise DataError(str(e)) from None
+
+
 def load_extra_scores(name: str, path: str | pathlib.Path, ids: Sequence[str],
                       num_steps: Sequence[int] | Mapping[str, int]) -> ExtraScores:
     """Read and validate ``path`` against the trajectories ``ids`` (with their numbers of scored
     actions ``num_steps``); the result is aligned with ``ids``."""
     path = pathlib.Path(path)
     steps_of = dict(num_steps) if isinstance(num_steps, Mapping) else dict(zip(ids, num_steps))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"--extra-scores {name}={path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
     known = set(ids)
     rows: dict[str, dict] = {}
     fields: tuple | None = None
     unknown: list[str] = []
-    for ln, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for ln, obj in _lines(name, path):
         where = f"{path} line {ln}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         if "id" not in obj:
             raise DataError(f"{where}: missing field 'id'")
         tid = obj["id"]

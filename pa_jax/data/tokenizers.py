@@ -11,23 +11,33 @@ import pathlib
 from typing import Any
 
 
-def load_tokenizer(path: str | os.PathLike) -> Any:
-    """The tokenizer of a checkpoint directory (tokenizer.json / tokenizer_config.json) or a .gguf file."""
+def load_tokenizer(path: str | os.PathLike, *, local_files_only: bool = True) -> Any:
+    """The tokenizer of a checkpoint directory (tokenizer.json / tokenizer_config.json) or a .gguf file.
+
+    ``local_files_only`` (default True): read only files already on disk, never the network (the
+    ``HF_HUB_OFFLINE`` behaviour): a path that does not exist is an error, not a hub lookup. It is refused
+    here, before transformers, because huggingface_hub (2.4) builds request headers even for a
+    ``local_files_only`` lookup of a hub name, and that fetches a registry from the Hub. A failure is a
+    ValueError naming the path; the loader's own exception is its ``__cause__``."""
+    p = pathlib.Path(path)
+    if local_files_only and not p.exists():
+        raise ValueError(f"{p}: cannot load a tokenizer (no such file or directory; tokenizers are read from "
+                         "local files only, never downloaded)")
     from transformers import AutoTokenizer  # heavy; only when a tokenizer is needed
 
-    p = pathlib.Path(path)
     try:
         if p.suffix == ".gguf":
             try:
-                return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+                return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=local_files_only)
             except ImportError:
                 # transformers 5.23 resolves the config of most GGUF architectures through a loader that
                 # requires torch (not a pa-jax dependency); the tokenizer itself is built from the GGUF
                 # metadata without it. With torch present both give the same tokenizer (tested).
                 from transformers import PreTrainedTokenizerFast
 
-                return PreTrainedTokenizerFast.from_pretrained(str(p.parent), gguf_file=p.name)
-        return AutoTokenizer.from_pretrained(str(p))
+                return PreTrainedTokenizerFast.from_pretrained(str(p.parent), gguf_file=p.name,
+                                                               local_files_only=local_files_only)
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=local_files_only)
     except Exception as e:  # noqa: BLE001 - re-raised with the path
         raise ValueError(f"{p}: cannot load a tokenizer ({type(e).__name__}: {e})") from e
 
