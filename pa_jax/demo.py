@@ -47,7 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--num-rollouts", type=int, default=1024, help="policy rollouts to sample (default 1024)")
     parser.add_argument("--group-size", type=int, default=8, help="rollouts per best-of-N group (default 8)")
-    parser.add_argument("--pair", default=None, help="directory with reference/ and policy/ (default: the shipped pair)")
+    parser.add_argument("--pair", default=None,
+                        help="'toy' (default): the shipped 2-layer toy pair; 'smollm2': SmolLM2-135M-Instruct + the "
+                             "LoRA adapters post-trained here (pa_jax/assets/smollm2_pair); or a directory with "
+                             "reference/ and policy/")
+    parser.add_argument("--num-episodes", type=int, default=512,
+                        help="smollm2: sampled episodes per model for the success rates (default 512)")
+    parser.add_argument("--num-heldout", type=int, default=512,
+                        help="smollm2: held-out policy rollouts for pa-jax uq/bon/fa (default 512)")
     parser.add_argument("--no-figure", action="store_true", help="skip the PNG figure")
 
 
@@ -378,6 +385,16 @@ def _figure(path: pathlib.Path, step_pa: dict, exact_adv: np.ndarray, first: np.
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.pair == "smollm2":
+        from pa_jax import demo_smollm2
+
+        res = demo_smollm2.run_smollm2_demo(args.out, seed=args.seed, num_episodes=args.num_episodes,
+                                            num_heldout=args.num_heldout, group_size=args.group_size,
+                                            figure=not args.no_figure)
+        print(demo_smollm2.summary_table(res))
+        return 0
+    if args.pair == "toy":
+        args.pair = None
     res = run_demo(args.out, seed=args.seed, num_rollouts=args.num_rollouts, group_size=args.group_size,
                    pair_dir=args.pair, figure=not args.no_figure)
     # A missed target is reported in the table and the JSON, not as a failed command.

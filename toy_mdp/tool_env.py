@@ -336,3 +336,40 @@ def tree_tokens(tree: ToolTree, tokenizer: Any, end_of_message: str = "<|im_end|
         if ids[: len(prefix[0]) + len(cmds[a])] != prefix[0] + cmds[a]:
             raise ValueError(f"command {c!r}: history ids + command ids differ from the chat's tokenization")
     return TreeTokens(prefix, cmds, int(eom))
+
+
+def prop1_agreement(tree: ToolTree, policy_logprobs: np.ndarray, ref_logprobs: np.ndarray, solution: ToolSolution,
+                    beta: float, *, min_reach: float = 1e-3, invalid_value: float = 0.0) -> dict[str, float]:
+    """Proposition 1 on the tree: ``beta * log pi(a|h) / pi_ref(a|h)`` against the exact ``A*(h, a)`` over the
+    history-actions of the histories the policy visits (``Pr_pi(reach h) >= min_reach``), every command and
+    "invalid" (``A*(h, invalid) = invalid_value - V*(h)``).
+
+    Returns ``pearson`` (unweighted over those history-actions), ``pearson_weighted`` (each weighted by
+    ``Pr_pi(reach h) pi(a|h)``, i.e. by how often the policy takes it), ``mean_abs_error``/``max_abs_error``
+    (unweighted), ``weighted_mean_abs_error`` and the counts."""
+    pol = check_logprobs(tree, policy_logprobs, "policy_logprobs")
+    ref = check_logprobs(tree, ref_logprobs, "ref_logprobs")
+    reach = reach_probabilities(tree, pol)
+    pol_full = np.concatenate([pol, invalid_logprob(pol)[:, None]], axis=1)
+    ref_full = np.concatenate([ref, invalid_logprob(ref)[:, None]], axis=1)
+    a_star = np.concatenate([solution.advantage, (invalid_value - solution.v)[:, None]], axis=1)
+    with np.errstate(invalid="ignore"):
+        score = beta * (pol_full - ref_full)
+    keep = (reach >= min_reach)[:, None] & np.isfinite(score) & np.isfinite(a_star)
+    x, y = score[keep], a_star[keep]
+    w = (reach[:, None] * np.exp(pol_full))[keep]
+    w = w / w.sum() if w.sum() > 0 else w
+
+    def wcorr(x, y, w):
+        mx, my = np.sum(w * x), np.sum(w * y)
+        cov = np.sum(w * (x - mx) * (y - my))
+        return float(cov / np.sqrt(np.sum(w * (x - mx) ** 2) * np.sum(w * (y - my) ** 2)))
+
+    err = np.abs(x - y)
+    return {"pearson": float(np.corrcoef(x, y)[0, 1]) if len(x) > 1 else float("nan"),
+            "pearson_weighted": wcorr(x, y, w) if len(x) > 1 else float("nan"),
+            "mean_abs_error": float(err.mean()) if len(x) else float("nan"),
+            "max_abs_error": float(err.max()) if len(x) else float("nan"),
+            "weighted_mean_abs_error": float(np.sum(w * err)) if len(x) else float("nan"),
+            "history_actions": int(keep.sum()), "histories": int((reach >= min_reach).sum()),
+            "min_reach": float(min_reach)}

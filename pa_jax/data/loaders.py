@@ -125,9 +125,35 @@ def _tau_messages(raw: Any, where: str, *, openai_tool_calls: bool) -> tuple[Mes
     return tuple(out)
 
 
-def _tau_action_mask(messages: tuple[Message, ...]) -> tuple[bool, ...]:
-    """Scored actions of tau-bench trajectories: the assistant messages (authors' rule)."""
-    return tuple(m.role == "assistant" for m in messages)
+def _tau_action_mask(messages: tuple[Message, ...], raw: Any = None, where: str = "") -> tuple[bool, ...]:
+    """Scored actions of tau-bench trajectories: the assistant messages (authors' rule).
+
+    pa-jax extension (tau2 files): an assistant message with ``"scored": false`` is not one of the agent's
+    decisions (e.g. an in-context demonstration exchange at the start of every chat) and is not scored."""
+    mask = [m.role == "assistant" for m in messages]
+    for j, m in enumerate(raw if isinstance(raw, list) else []):
+        if isinstance(m, dict) and "scored" in m:
+            v = m["scored"]
+            if not isinstance(v, bool):
+                raise DataError(f"{where} message {j}: field 'scored' must be true or false, got {v!r}")
+            if not v and messages[j].role != "assistant":
+                raise DataError(f"{where} message {j}: 'scored': false applies to assistant messages only "
+                                f"(role {messages[j].role!r} is never scored)")
+            mask[j] = mask[j] and v
+    return tuple(mask)
+
+
+def _mistake_step(v: Any, where: str) -> int | None:
+    """Optional ``mistake_step`` (an integer, or a string holding one): index into the messages of the decisive
+    error (Who&When's field; in tau2 files a pa-jax extension for tasks with exact ground truth)."""
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        raise DataError(f"{where}: mistake_step must hold an integer, got {v!r}")
+    try:
+        return int(str(v).strip())
+    except ValueError:
+        raise DataError(f"{where}: mistake_step must hold an integer, got {v!r}") from None
 
 
 def _finish(traj: Trajectory, skipped: list[Skipped], out: list[Trajectory]) -> None:
@@ -150,17 +176,24 @@ def load_tau2(path: str | os.PathLike, *, trial: int | None = None, id_prefix: s
     skipped: list[Skipped] = []
     for i, sim in enumerate(sims):
         where = f"{path} simulation {i}"
-        msgs = _tau_messages(_field(sim, "messages", where), where, openai_tool_calls=False)
+        raw_msgs = _field(sim, "messages", where)
+        msgs = _tau_messages(raw_msgs, where, openai_tool_calls=False)
         ri = sim.get("reward_info")
         reward = _reward(ri.get("reward") if isinstance(ri, dict) else None, where)
         t_trial = trial if trial is not None else _trial(sim.get("trial"), where)
         sid = str(sim.get("id", i))
         traj = Trajectory(
             id=f"{id_prefix}{sid}", task_id=str(_field(sim, "task_id", where)), messages=msgs,
-            action_mask=_tau_action_mask(msgs), reward=reward,
+            action_mask=_tau_action_mask(msgs, raw_msgs, where), reward=reward,
             success=None if reward is None else reward >= 1.0, source=str(path),
             item=f"simulation {i}", trial=t_trial, format="tau2",
+            mistake_step=_mistake_step(sim.get("mistake_step"), where),
         )
+        if traj.mistake_step is not None and not (0 <= traj.mistake_step < len(msgs)
+                                                  and traj.action_mask[traj.mistake_step]):
+            skipped.append(Skipped(str(path), traj.item, f"mistake_step {traj.mistake_step} is not a scored "
+                                   f"action message of this simulation ({len(msgs)} messages)"))
+            continue
         _finish(traj, skipped, out)
     _unique_ids(out)
     return Dataset(out, skipped, [str(path)])
