@@ -84,10 +84,42 @@ def shared_prefix_layers(digests_a: Mapping[str, str], digests_b: Mapping[str, s
         if not groups_a.get(key) or groups_a.get(key) != groups_b.get(key):
             k, reason = i, f"layer {i} differs"
             break
-    sources = getattr(config_a, "kv_sources", None)
+    return _cut_at_kv_sharing(k, reason, config_a)
+
+
+def _cut_at_kv_sharing(k: int, reason: str, config) -> SharedTrunk:
+    """Lower k until no layer at or above k reads the keys/values of a layer below k (gemma4's KV sharing: the
+    branch must produce what its own layers read)."""
+    sources = getattr(config, "kv_sources", None)
     while sources is not None and k > 0 and any(s is not None and s < k <= i for i, s in enumerate(sources)):
-        k, reason = k - 1, reason + "; cut below a KV-sharing layer's producer"  # gemma4: the branch needs it
+        k, reason = k - 1, reason + "; cut below a KV-sharing layer's producer"
     return SharedTrunk(k, reason)
+
+
+def adapter_trunk(adapted_paths, num_layers: int, config=None) -> SharedTrunk:
+    """The trunk of a policy = base + LoRA adapter against a reference = the same base (same files, same dtype):
+    the adapter changes exactly the weights ``adapted_paths`` (pa-jax parameter paths, e.g.
+    ``"layers.27.self_attn.q_proj.weight"``; also any full base weight the adapter carries), every other tensor
+    is the base's as loaded, so k = the first layer the adapter touches (num_layers if it touches only the
+    head), 0 if it touches an embedding-side tensor. No tensor is read or hashed."""
+    k, reason = num_layers, "adapter touches no layer"
+    for path in adapted_paths:
+        g = _group(str(path))
+        if g == "embed":
+            return SharedTrunk(0, f"adapter changes {path}")
+        if g.startswith("layers.") and int(g.split(".")[1]) < k:
+            k = int(g.split(".")[1])
+            reason = f"adapter changes layer {k} first"
+    return _cut_at_kv_sharing(k, reason, config)
+
+
+def trunk_from_adapter(adapter_dir, config) -> SharedTrunk:
+    """:func:`adapter_trunk` of a PEFT adapter directory read against a base of ``config``
+    (``pa_jax.models.lora.read_peft_adapter``: the weights it merges, as the loader merges them)."""
+    from pa_jax.models.lora import read_peft_adapter
+
+    ad = read_peft_adapter(adapter_dir, config)
+    return adapter_trunk(list(ad.params) + list(ad.base_weights), config.num_layers, config)
 
 
 def shared_trunk(model_a, model_b) -> SharedTrunk:
