@@ -3,8 +3,12 @@
 An ``Engine`` owns:
 
 * the memo of jitted programs (a model's chunk step, the KV buffer maker, the whole-row forward, the
-  scored-position gather/collect and the head), keyed by the settings each closes over (jit then
-  caches by shape); least recently used programs are dropped past ``max_programs``;
+  scored-position gather/collect and the head; the step and whole-row forward also for a range of
+  layers, for a shared trunk), keyed by the settings each closes over (jit then caches by shape);
+  least recently used programs are dropped past ``max_programs``;
+* the shared-trunk runs (``trunk_chunked_hidden_at``, ``trunk_prefix_buffers``, ``trunk_full_rows_at``):
+  layers [0, k) of two models with identical embeddings and first k layers once, then each model's
+  layers [k, L) from that residual stream, each with its own KV buffer of its layers;
 * the dispatch lock: one dispatch (trace, compile, enqueue) at a time, so each new shape compiles
   once and no two compilations (the largest transient memory) overlap, while the computations
   themselves still run at the same time;
