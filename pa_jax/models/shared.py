@@ -122,7 +122,40 @@ def trunk_from_adapter(adapter_dir, config) -> SharedTrunk:
     return adapter_trunk(list(ad.params) + list(ad.base_weights), config.num_layers, config)
 
 
+def _params_by_group(model) -> dict[str, dict[str, object]]:
+    """{group: {dotted path: parameter array}} of a Decoder (groups as :func:`_group`), nothing read yet."""
+    from flax import nnx
+
+    out: dict[str, dict[str, object]] = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = ".".join(str(p) for p in path)
+        out.setdefault(_group(name), {})[name] = var
+    return out
+
+
 def shared_trunk(model_a, model_b) -> SharedTrunk:
-    """:func:`shared_prefix_layers` of two Decoders (digests of their parameters as loaded, configs compared)."""
-    return shared_prefix_layers(param_digests(model_a), param_digests(model_b), model_a.config.num_layers,
-                                model_a.config, model_b.config)
+    """:func:`shared_prefix_layers` of two Decoders (digests of their parameters as loaded, configs compared),
+    hashing group by group in forward order (embeddings, layer 0, 1, ...) and stopping at the first group that
+    differs: two unrelated models cost one hash of their embeddings, a fine-tune of the top layers the layers
+    up to the first one it changed."""
+    ca, cb = model_a.config, model_b.config
+    strip = lambda c: dataclasses.replace(c, hf_config_json="{}")  # noqa: E731
+    if strip(ca) != strip(cb):
+        return SharedTrunk(0, "configs differ")
+    ga, gb = _params_by_group(model_a), _params_by_group(model_b)
+
+    def same(group: str) -> bool:
+        a, b = ga.get(group, {}), gb.get(group, {})
+        if not a or a.keys() != b.keys():
+            return False
+        value = lambda v: v[...] if hasattr(v, "__getitem__") else v.value  # noqa: E731
+        return all(tensor_digest(value(a[n])) == tensor_digest(value(b[n])) for n in a)
+
+    if not same("embed"):
+        return SharedTrunk(0, "embeddings differ")
+    k, reason = ca.num_layers, "all layers identical"
+    for i in range(ca.num_layers):
+        if not same(f"layers.{i}"):
+            k, reason = i, f"layer {i} differs"
+            break
+    return _cut_at_kv_sharing(k, reason, ca)
