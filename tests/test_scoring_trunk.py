@@ -11,7 +11,7 @@ import torch
 
 from pa_jax.data import render
 from pa_jax.scoring import Engine, ScoringOptions, score_rendered
-from helpers import CORPUS, tiny_hf_llama, tiny_tokenizer
+from helpers import CORPUS, tau_sim, tiny_hf_llama, tiny_tokenizer
 from test_scoring import _trajs
 
 L = 4
@@ -180,7 +180,6 @@ def test_cli_adapter_policy_reads_k_from_the_adapter(models, tmp_path, monkeypat
     from pa_jax.cli import main
     from pa_jax.models import shared
     from pa_jax.models.lora import init_lora, write_peft_adapter
-    from test_cli import _sim
 
     base = models["dir"] / "reference"
     cfg = models["reference"][0]
@@ -191,7 +190,7 @@ def test_cli_adapter_policy_reads_k_from_the_adapter(models, tmp_path, monkeypat
     adapter = write_peft_adapter(tmp_path / "adapter", lora, cfg, lora_alpha=4, base_model_name_or_path=str(base))
     assert shared.trunk_from_adapter(adapter, cfg) == (L - 1, f"adapter changes layer {L - 1} first")
     data = tmp_path / "sims.json"
-    data.write_text(json.dumps({"simulations": [_sim(i, f"t{i // 2}", float(i % 2)) for i in range(4)]}))
+    data.write_text(json.dumps({"simulations": [tau_sim(i, f"t{i // 2}", float(i % 2)) for i in range(4)]}))
 
     def digests_refused(*a, **k):
         raise AssertionError("tensor digests computed although the adapter gives k")
