@@ -22,6 +22,8 @@ expected ratio of the layers alone, and the max |diff| of every statistic betwee
 
     .venv/bin/python experiments/bench_shared_trunk.py --engine --n-traj 10 --repeats 3 --dtype float32 \
         --out docs/results/bench/shared_trunk_engine.json
+    .venv/bin/python experiments/bench_shared_trunk.py --engine --long 8192 --repeats 3 --dtype float32 \
+        --out docs/results/bench/shared_trunk_engine_long.json
 """
 from __future__ import annotations
 
@@ -45,6 +47,9 @@ def main() -> None:
     ap.add_argument("--engine", action="store_true", help="time the whole scoring engine (airline trajectories)")
     ap.add_argument("--n-traj", type=int, default=10, help="--engine: airline trajectories scored")
     ap.add_argument("--max-length", type=int, default=None, help="--engine: keep the last N tokens of each")
+    ap.add_argument("--long", type=int, default=None,
+                    help="--engine: one random row of this many tokens instead of the airline trajectories (one "
+                         "batch: the trunk's one task per batch cannot overlap batches in two threads)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -135,13 +140,16 @@ def engine_bench(args, gguf, policy, reference, trunk, detect_s: float, dtype: s
     import jax
     import numpy as np
 
-    from bench_scoring import airline_rendered, peak_rss_gib
+    from bench_scoring import airline_rendered, long_rendered, peak_rss_gib
     from pa_jax.data.tokenizers import load_tokenizer
     from pa_jax.models.dtype import cpu_record
     from pa_jax.scoring import STAT_FIELDS, ScoringOptions, score_rendered
 
     tok = load_tokenizer(gguf)
-    rendered = airline_rendered(args.n_traj, tok, args.max_length)
+    if args.long:
+        rendered = long_rendered(args.long, policy[0].vocab_size)
+    else:
+        rendered = airline_rendered(args.n_traj, tok, args.max_length)
     pad = tok.pad_token_id or 0
     modes = {"shared": ScoringOptions(), "separate": ScoringOptions(shared_trunk=False)}
 
@@ -163,7 +171,8 @@ def engine_bench(args, gguf, policy, reference, trunk, detect_s: float, dtype: s
     n, k = policy[0].num_layers, trunk.layers
     med = {m: float(np.median(v)) if v else first[m][0] for m, v in times.items()}
     return {"cpu": cpu_record(), "backend": jax.default_backend(), "versions": {"jax": jax.__version__},
-            "workload": "airline", "n_traj": args.n_traj, "max_length": args.max_length, "tokens": tokens,
+            "workload": f"long {args.long}" if args.long else "airline", "n_traj": len(rendered),
+            "max_length": args.max_length, "tokens": tokens,
             "shared_prefix_tokens": a.plan.prefix_length, "batches": len(a.plan.batches),
             "dtype": dtype, "dtype_rule": rule, "num_layers": n, "shared_layers": k, "trunk_reason": trunk.reason,
             "detect_seconds": detect_s, "repeats": args.repeats,
