@@ -252,7 +252,8 @@ def jax_worker(cfg: dict) -> dict:
         rendered = long_rendered(cfg["length"], 151936)
         policy, reference = load(cfg["model_dir"], dtype=cfg["dtype"]), load(cfg["model_dir"], dtype=cfg["dtype"])
         pad = 0
-    opts = ScoringOptions(max_batch_tokens=cfg.get("max_batch_tokens", 16384))
+    # the pair is two copies of one checkpoint: the shared trunk would run L - 1 layers once (not a real pair)
+    opts = ScoringOptions(max_batch_tokens=cfg.get("max_batch_tokens", 16384), shared_trunk=False)
     t0 = time.perf_counter()
     res = score_rendered(rendered, policy, reference, options=opts, pad_id=pad)
     first = time.perf_counter() - t0

@@ -13,6 +13,17 @@ per pair (compilation excluded); calls alternate (load from other processes hits
 --repeats are reported, with the max |diff| of the hidden states (float32: equal up to rounding).
 
     .venv/bin/python experiments/bench_shared_trunk.py [--batch 4] [--seq 256] [--repeats 5] [--dtype float32]
+
+``--engine``: the whole scoring engine instead (``pa_jax.scoring.score_rendered``: plan, shared prefix, chunked
+rows, head statistics) on the first --n-traj airline trajectories (tau-bench, ../shared/data), with the trunk
+(``ScoringOptions.shared_trunk``, k detected once from the digests and passed in) and without; one untimed
+pass of each compiles, then --repeats timed passes alternate. Records tokens/s of each, the time ratio, the
+expected ratio of the layers alone, and the max |diff| of every statistic between the two (float32: rounding).
+
+    .venv/bin/python experiments/bench_shared_trunk.py --engine --n-traj 10 --repeats 3 --dtype float32 \
+        --out docs/results/bench/shared_trunk_engine.json
+    .venv/bin/python experiments/bench_shared_trunk.py --engine --long 8192 --repeats 3 --dtype float32 \
+        --out docs/results/bench/shared_trunk_engine_long.json
 """
 from __future__ import annotations
 
@@ -33,6 +44,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"])
     ap.add_argument("--differ", type=float, default=0.25, help="fraction of top layers that differ")
+    ap.add_argument("--engine", action="store_true", help="time the whole scoring engine (airline trajectories)")
+    ap.add_argument("--n-traj", type=int, default=10, help="--engine: airline trajectories scored")
+    ap.add_argument("--max-length", type=int, default=None, help="--engine: keep the last N tokens of each")
+    ap.add_argument("--long", type=int, default=None,
+                    help="--engine: one random row of this many tokens instead of the airline trajectories (one "
+                         "batch: the trunk's one task per batch cannot overlap batches in two threads)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -65,6 +82,14 @@ def main() -> None:
     detect_s = time.perf_counter() - t0
     k = trunk.layers
     assert k == first_diff, (k, first_diff, trunk.reason)
+    if args.engine:
+        res = engine_bench(args, g, (cfg, pol), (cfg, ref), trunk, detect_s, dtype, rule)
+        print(json.dumps(res, indent=2))
+        if args.out:
+            from pa_jax.io import atomic_write_json
+
+            atomic_write_json(args.out, res)
+        return
 
     gd_a, st_a = nnx.split(pol)
     gd_b, st_b = nnx.split(ref)
@@ -108,6 +133,54 @@ def main() -> None:
         from pa_jax.io import atomic_write_json
 
         atomic_write_json(args.out, res)
+
+
+def engine_bench(args, gguf, policy, reference, trunk, detect_s: float, dtype: str, rule) -> dict:
+    """score_rendered with and without the shared trunk on airline trajectories: tokens/s, ratio, max |diff|."""
+    import jax
+    import numpy as np
+
+    from bench_scoring import airline_rendered, long_rendered, peak_rss_gib
+    from pa_jax.data.tokenizers import load_tokenizer
+    from pa_jax.models.dtype import cpu_record
+    from pa_jax.scoring import STAT_FIELDS, ScoringOptions, score_rendered
+
+    tok = load_tokenizer(gguf)
+    if args.long:
+        rendered = long_rendered(args.long, policy[0].vocab_size)
+    else:
+        rendered = airline_rendered(args.n_traj, tok, args.max_length)
+    pad = tok.pad_token_id or 0
+    modes = {"shared": ScoringOptions(), "separate": ScoringOptions(shared_trunk=False)}
+
+    def run(mode):
+        t0 = time.perf_counter()
+        res = score_rendered(rendered, policy, reference, options=modes[mode], pad_id=pad, trunk=trunk)
+        return time.perf_counter() - t0, res
+
+    first = {m: run(m) for m in modes}  # compiles
+    times = {m: [] for m in modes}
+    for _ in range(args.repeats):
+        for m in modes:
+            times[m].append(run(m)[0])
+    a, b = first["shared"][1], first["separate"][1]
+    assert a.shared_trunk["layers"] == trunk.layers and b.shared_trunk["layers"] == 0, (a.shared_trunk, b.shared_trunk)
+    diff = max(float(np.nanmax(np.abs(getattr(x, f) - getattr(y, f))))
+               for x, y in zip(a.stats, b.stats) for f in STAT_FIELDS)
+    tokens = int(sum(len(r) for r in rendered))
+    n, k = policy[0].num_layers, trunk.layers
+    med = {m: float(np.median(v)) if v else first[m][0] for m, v in times.items()}
+    return {"cpu": cpu_record(), "backend": jax.default_backend(), "versions": {"jax": jax.__version__},
+            "workload": f"long {args.long}" if args.long else "airline", "n_traj": len(rendered),
+            "max_length": args.max_length, "tokens": tokens,
+            "shared_prefix_tokens": a.plan.prefix_length, "batches": len(a.plan.batches),
+            "dtype": dtype, "dtype_rule": rule, "num_layers": n, "shared_layers": k, "trunk_reason": trunk.reason,
+            "detect_seconds": detect_s, "repeats": args.repeats,
+            "first_pass_seconds": {m: first[m][0] for m in modes}, "seconds": times,
+            "tokens_per_s_median": {m: tokens / med[m] for m in modes},
+            "time_ratio_shared_over_separate_median": med["shared"] / med["separate"],
+            "time_ratio_expected_layers": (k + 2 * (n - k)) / (2 * n), "max_abs_stat_diff": diff,
+            "peak_rss_gib": peak_rss_gib()}
 
 
 if __name__ == "__main__":

@@ -139,3 +139,21 @@ def test_layer_range_errors(pair):
     _, cache = a(ids, mask, return_kv=True)
     with pytest.raises(ValueError, match="kv_prefix has 4 layers, expected 1"):
         a(ids, mask, kv_prefix=cache, layer_range=(K, L), hidden_states=jnp.zeros((2, 24, 32)))
+
+
+def test_detection_stops_at_the_first_difference(pair, monkeypatch):
+    """shared_trunk hashes in forward order and stops where the models part: unrelated embeddings cost the
+    embedding tensors only; the top-quarter pair hashes nothing above layer K."""
+    from pa_jax.models import shared
+
+    cfg, a, b = pair
+    hashed = []
+    real = shared.tensor_digest
+    monkeypatch.setattr(shared, "tensor_digest", lambda x: hashed.append(np.shape(x)) or real(x))
+    c = Decoder(cfg, rngs=nnx.Rngs(1), dtype="float32")  # another init: embeddings differ
+    assert shared.shared_trunk(a, c) == (0, "embeddings differ")
+    assert hashed == [tuple(a.embed_tokens.weight[...].shape)] * 2
+    hashed.clear()
+    assert shared.shared_trunk(a, b) == (K, f"layer {K} differs")
+    per_layer = len(nnx.to_flat_state(nnx.state(a.layers[0], nnx.Param)))
+    assert len(hashed) <= 2 * (1 + K * per_layer + per_layer)  # embeddings, layers < K, at most all of layer K

@@ -80,6 +80,10 @@ def add_common_arguments(p: argparse.ArgumentParser, *, token_agg: str = "mean",
                    help="score only the trajectories of the first N task ids (all their rollouts; for subsets)")
     p.add_argument("--no-share-prefix", action="store_true", help="do not reuse a prefix shared by all trajectories")
     p.add_argument("--no-pack", action="store_true", help="do not pack short trajectories into one row")
+    p.add_argument("--no-shared-trunk", action="store_true",
+                   help="run policy and reference separately even when their embeddings and leading layers are "
+                        "identical (default: those run once per batch; detected from a --policy LoRA adapter over "
+                        "the --reference checkpoint, else from tensor digests; recorded as shared_trunk_layers)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -212,15 +216,18 @@ def load_inputs(args: argparse.Namespace, *, require: str | None, command: str =
     return Inputs(ds, trajs, rendered, tok, t_render, mesh, int(pad), bool(same), pf.record)
 
 
-def score_models(args: argparse.Namespace, inputs: Inputs, policy, reference, meta: dict, desc: str = "scoring"):
+def score_models(args: argparse.Namespace, inputs: Inputs, policy, reference, meta: dict, desc: str = "scoring",
+                 trunk=None):
     """pa_jax.scoring.score_rendered of ``inputs`` with the options of ``args`` (progress bar unless
     --no-progress); ``meta`` identifies the models in the cache key. A failure after the first forward says
-    how to resume (the cache keeps every finished batch)."""
+    how to resume (the cache keeps every finished batch). ``trunk``: the pair's shared trunk if already known
+    (``policy_adapter_trunk``), else the engine detects it."""
     from pa_jax import scoring
     from pa_jax.commands import preflight
 
     opts = scoring.ScoringOptions(top_k=args.top_k, max_batch_tokens=args.max_batch_tokens,
-                                  pack=not args.no_pack, share_prefix=not args.no_share_prefix)
+                                  pack=not args.no_pack, share_prefix=not args.no_share_prefix,
+                                  shared_trunk=not getattr(args, "no_shared_trunk", False))
     rendered = inputs.rendered
     bar = None
     if not args.no_progress:
@@ -235,7 +242,8 @@ def score_models(args: argparse.Namespace, inputs: Inputs, policy, reference, me
 
     try:
         return scoring.score_rendered(rendered, policy, reference, options=opts, cache_dir=args.cache,
-                                      cache_meta=meta, mesh=inputs.mesh, pad_id=inputs.pad_id, progress=progress)
+                                      cache_meta=meta, mesh=inputs.mesh, pad_id=inputs.pad_id, progress=progress,
+                                      trunk=trunk)
     except (ValueError, OSError) as e:  # after the first forward: say how to resume
         raise (OSError if isinstance(e, OSError) else ValueError)(f"{e} ({preflight.resume_hint(args)})") from e
     except BaseException:  # interrupted, out of memory, ...: the traceback stays, with the way back
@@ -260,6 +268,24 @@ def model_meta(args: argparse.Namespace, with_reference: bool) -> dict:
     return meta
 
 
+def policy_adapter_trunk(args: argparse.Namespace, config):
+    """The shared trunk of a --policy LoRA adapter whose base is the --reference checkpoint itself (same resolved
+    path; both loaded with one --dtype): the layers below the first one the adapter changes are the base's
+    (pa_jax.models.shared.trunk_from_adapter, nothing hashed). None otherwise (the engine then compares tensor
+    digests)."""
+    from pa_jax.models.lora import is_adapter_dir, resolve_base
+    from pa_jax.models.shared import trunk_from_adapter
+
+    if args.reference is None or getattr(args, "no_shared_trunk", False) or not is_adapter_dir(args.policy):
+        return None
+    if is_adapter_dir(args.reference):
+        return None
+    base = resolve_base(args.policy, getattr(args, "policy_base", None))
+    if base.resolve() != pathlib.Path(args.reference).resolve():
+        return None
+    return trunk_from_adapter(args.policy, config)
+
+
 def prepare(args: argparse.Namespace, *, require: str | None, command: str = "score") -> Scored:
     """Check (preflight), load, render, and score (both models) the trajectories named by ``args``. A
     reference-merge sweep (pa_jax.commands._merge) hands each variant's already scored data in as
@@ -279,12 +305,14 @@ def prepare(args: argparse.Namespace, *, require: str | None, command: str = "sc
     meta = model_meta(args, reference is not None)
     rendered = inputs.rendered
     total = sum(len(r) for r in rendered)
-    res = score_models(args, inputs, policy, reference, meta)
+    trunk = policy_adapter_trunk(args, policy[0]) if reference is not None else None
+    res = score_models(args, inputs, policy, reference, meta, trunk=trunk)
     timing = {"render_s": inputs.render_s, "load_models_s": t_load, "score_s": res.seconds,
               "tokens": total, "tokens_computed": res.tokens_computed,
               "batches_computed": res.batches_computed, "batches_from_cache": res.batches_from_cache,
               "tokens_per_s": (res.tokens_computed / res.seconds) if res.batches_computed and res.seconds > 0 else None,
-              "shared_prefix_tokens": res.plan.prefix_length, "models_run": 1 + (reference is not None)}
+              "shared_prefix_tokens": res.plan.prefix_length, "models_run": 1 + (reference is not None),
+              "shared_trunk_layers": res.shared_trunk["layers"], "shared_trunk": res.shared_trunk}
     stats = res.stats
     if same:  # the same checkpoint as reference: its statistics are the policy's (progress advantage == 0)
         import dataclasses

@@ -84,13 +84,78 @@ def shared_prefix_layers(digests_a: Mapping[str, str], digests_b: Mapping[str, s
         if not groups_a.get(key) or groups_a.get(key) != groups_b.get(key):
             k, reason = i, f"layer {i} differs"
             break
-    sources = getattr(config_a, "kv_sources", None)
+    return _cut_at_kv_sharing(k, reason, config_a)
+
+
+def _cut_at_kv_sharing(k: int, reason: str, config) -> SharedTrunk:
+    """Lower k until no layer at or above k reads the keys/values of a layer below k (gemma4's KV sharing: the
+    branch must produce what its own layers read)."""
+    sources = getattr(config, "kv_sources", None)
     while sources is not None and k > 0 and any(s is not None and s < k <= i for i, s in enumerate(sources)):
-        k, reason = k - 1, reason + "; cut below a KV-sharing layer's producer"  # gemma4: the branch needs it
+        k, reason = k - 1, reason + "; cut below a KV-sharing layer's producer"
     return SharedTrunk(k, reason)
 
 
+def adapter_trunk(adapted_paths, num_layers: int, config=None) -> SharedTrunk:
+    """The trunk of a policy = base + LoRA adapter against a reference = the same base (same files, same dtype):
+    the adapter changes exactly the weights ``adapted_paths`` (pa-jax parameter paths, e.g.
+    ``"layers.27.self_attn.q_proj.weight"``; also any full base weight the adapter carries), every other tensor
+    is the base's as loaded, so k = the first layer the adapter touches (num_layers if it touches only the
+    head), 0 if it touches an embedding-side tensor. No tensor is read or hashed."""
+    k, reason = num_layers, "adapter touches no layer"
+    for path in adapted_paths:
+        g = _group(str(path))
+        if g == "embed":
+            return SharedTrunk(0, f"adapter changes {path}")
+        if g.startswith("layers.") and int(g.split(".")[1]) < k:
+            k = int(g.split(".")[1])
+            reason = f"adapter changes layer {k} first"
+    return _cut_at_kv_sharing(k, reason, config)
+
+
+def trunk_from_adapter(adapter_dir, config) -> SharedTrunk:
+    """:func:`adapter_trunk` of a PEFT adapter directory read against a base of ``config``
+    (``pa_jax.models.lora.read_peft_adapter``: the weights it merges, as the loader merges them)."""
+    from pa_jax.models.lora import read_peft_adapter
+
+    ad = read_peft_adapter(adapter_dir, config)
+    return adapter_trunk(list(ad.params) + list(ad.base_weights), config.num_layers, config)
+
+
+def _params_by_group(model) -> dict[str, dict[str, object]]:
+    """{group: {dotted path: parameter array}} of a Decoder (groups as :func:`_group`), nothing read yet."""
+    from flax import nnx
+
+    out: dict[str, dict[str, object]] = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = ".".join(str(p) for p in path)
+        out.setdefault(_group(name), {})[name] = var
+    return out
+
+
 def shared_trunk(model_a, model_b) -> SharedTrunk:
-    """:func:`shared_prefix_layers` of two Decoders (digests of their parameters as loaded, configs compared)."""
-    return shared_prefix_layers(param_digests(model_a), param_digests(model_b), model_a.config.num_layers,
-                                model_a.config, model_b.config)
+    """:func:`shared_prefix_layers` of two Decoders (digests of their parameters as loaded, configs compared),
+    hashing group by group in forward order (embeddings, layer 0, 1, ...) and stopping at the first group that
+    differs: two unrelated models cost one hash of their embeddings, a fine-tune of the top layers the layers
+    up to the first one it changed."""
+    ca, cb = model_a.config, model_b.config
+    strip = lambda c: dataclasses.replace(c, hf_config_json="{}")  # noqa: E731
+    if strip(ca) != strip(cb):
+        return SharedTrunk(0, "configs differ")
+    ga, gb = _params_by_group(model_a), _params_by_group(model_b)
+
+    def same(group: str) -> bool:
+        a, b = ga.get(group, {}), gb.get(group, {})
+        if not a or a.keys() != b.keys():
+            return False
+        value = lambda v: v[...] if hasattr(v, "__getitem__") else v.value  # noqa: E731
+        return all(tensor_digest(value(a[n])) == tensor_digest(value(b[n])) for n in a)
+
+    if not same("embed"):
+        return SharedTrunk(0, "embeddings differ")
+    k, reason = ca.num_layers, "all layers identical"
+    for i in range(ca.num_layers):
+        if not same(f"layers.{i}"):
+            k, reason = i, f"layer {i} differs"
+            break
+    return _cut_at_kv_sharing(k, reason, ca)

@@ -23,6 +23,15 @@ Less work than a plain forward (the plan decides which applies, ``programs.Engin
 * *Packing*: without a shared prefix, short trajectories are packed into one row (segment ids:
   tokens attend only inside their own trajectory, positions restart) by first-fit decreasing.
   Models with Gated DeltaNet layers neither pack nor share prefixes.
+* *Shared trunk*: when the policy and the reference have bit-identical embeddings and first k layers
+  (a LoRA or partial fine-tune of the top layers; detected from tensor digests, or given by the caller,
+  e.g. from a LoRA adapter's target layers, ``_resolve_trunk``), each chunk / row runs layers [0, k)
+  once and forks into each model's layers [k, L), final norm and head: the pair costs
+  (k + 2 (L - k)) / 2L of two forwards. With a shared prefix the prefix's keys/values of layers < k
+  are computed and stored once too. Same operations on the same tensors as two forwards: the
+  statistics are equal up to float rounding (``tests/test_scoring_trunk.py``, 1e-6 in float32), so
+  the choice (``ScoringOptions.shared_trunk``) is not part of the cache key. One task per batch then
+  runs trunk and both branches; the two host threads take different batches.
 * Head statistics (log-softmax over the full vocabulary, entropy, top-k, KL) only at the scored
   positions, in blocks of ``head_positions`` positions gathered across batches (``HeadBlocks``): one
   compiled head program, and no padding but the last block's.
@@ -42,6 +51,7 @@ whatever mass the model gives them), and the exact KL, which needs one support, 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -99,6 +109,7 @@ class ScoreResult:
     batches_from_cache: int
     tokens_computed: int
     seconds: float
+    shared_trunk: dict | None = None  # _resolve_trunk's record: layers (k used), reason, source, detect_seconds
 
 
 def dense(stats: Sequence[TrajectoryStats], field: str, *, fill: float = 0.0) -> np.ndarray:
@@ -190,7 +201,7 @@ class HeadBlocks:
 # ---------------------------------------------------------------------------------------------- run
 def _run_batches(engine: Engine, rendered: Sequence[Rendered], plan: Plan, todo: Sequence[Batch],
                  models: Sequence[tuple[Any, Any]], options: ScoringOptions, *, same_vocab: bool, mesh: Any,
-                 dp: int, pad_id: int, done: Callable[[Batch, int, dict], None]) -> None:
+                 dp: int, pad_id: int, done: Callable[[Batch, int, dict], None], trunk_layers: int = 0) -> None:
     """Run the batches ``todo`` (in plan order) and hand each finished one to ``done(batch, tokens,
     {trajectory index: {field: [n] array}})``, in the same order.
 
@@ -200,7 +211,10 @@ def _run_batches(engine: Engine, rendered: Sequence[Rendered], plan: Plan, todo:
     The calling thread launches at most ``engine.lookahead + 1`` batches ahead of the one it finishes,
     waits for that batch's tasks, feeds their hidden states to the head (``HeadBlocks``, on the calling
     thread) and hands finished batches to ``done``. The shared prefix's KV buffers are computed first,
-    the same way (one task per model, waited for before any batch is launched).
+    the same way (one task per model, waited for before any batch is launched). With a shared trunk
+    (``trunk_layers`` = k > 0, policy and reference) a batch is one task instead: layers [0, k) of the
+    policy (identical to the reference's) once, then both models' layers [k, L) (``Engine.trunk_*``);
+    the threads then overlap consecutive batches.
 
     Why this cannot deadlock: a task waits on nothing but the device. It never waits on another task's
     future or on the calling thread, and the only locks it takes (the engine's memo lock, then, never
@@ -233,12 +247,21 @@ def _run_batches(engine: Engine, rendered: Sequence[Rendered], plan: Plan, todo:
     gather = engine.gather_program()
     executor = engine.executor(options.concurrent_models and len(models) > 1)
 
+    fork = trunk_layers > 0 and len(models) == 2
+    if fork:  # (graphdef, state, k) of the trunk (the policy's first k layers), (graphdef, state, L) per branch
+        trunk = (graphdefs[0], states[0], trunk_layers)
+        branches = [(g, st, c.num_layers) for g, st, (c, _) in zip(graphdefs, states, models)]
+    trunk_prefix = None
     if plan.prefix_length and chunked:  # computed once per model, in the plan's one buffer shape
         pre_ids = rendered[0].input_ids[: plan.prefix_length]
-        tasks = [executor.submit(lambda k=k: engine.prefix_buffer(graphdefs[k], states[k], pre_ids, chunk=chunk,
-                                                                  rows=chunked[0].num_rows, buffer=chunked[0].buffer))
-                 for k in range(len(models))]
-        prefixes = [t.result() for t in tasks]
+        if fork:
+            trunk_prefix = executor.submit(lambda: engine.trunk_prefix_buffers(
+                trunk, branches, pre_ids, chunk=chunk, rows=chunked[0].num_rows, buffer=chunked[0].buffer)).result()
+        else:
+            tasks = [executor.submit(lambda k=k: engine.prefix_buffer(
+                graphdefs[k], states[k], pre_ids, chunk=chunk, rows=chunked[0].num_rows, buffer=chunked[0].buffer))
+                for k in range(len(models))]
+            prefixes = [t.result() for t in tasks]
     sharding = NamedSharding(mesh, PartitionSpec("data", None)) if mesh is not None else None
 
     def put(x):
@@ -259,7 +282,16 @@ def _run_batches(engine: Engine, rendered: Sequence[Rendered], plan: Plan, todo:
             h = engine.dispatch(engine.full_row_program(g, use_seg), st, *rows)
             return engine.dispatch(gather, h, pos)
 
-        return tgt, ntok, where, [executor.submit(lambda k=k: hidden_of(k)) for k in range(len(models))]
+        def forked():  # [policy, reference] hidden states at the scored positions, the trunk run once
+            if b.chunked:
+                return engine.trunk_chunked_hidden_at(
+                    trunk, branches, ids_h, mask_h, pos, chunk=chunk, buffer=b.buffer, put=put, prefixes=trunk_prefix,
+                    prefix_len=plan.prefix_length if trunk_prefix is not None else 0)
+            return engine.trunk_full_rows_at(trunk, branches, *rows, pos, use_seg=use_seg)
+
+        if fork:
+            return tgt, ntok, where, [executor.submit(forked)]
+        return tgt, ntok, where, [executor.submit(lambda k=k: [hidden_of(k)]) for k in range(len(models))]
 
     launched: collections.deque = collections.deque()
     upcoming = iter(todo)
@@ -274,7 +306,7 @@ def _run_batches(engine: Engine, rendered: Sequence[Rendered], plan: Plan, todo:
         while launched:
             b, (tgt, ntok, where, tasks) = launched.popleft()
             top_up()
-            hidden = [t.result() for t in tasks]
+            hidden = [h for t in tasks for h in t.result()]  # policy[, reference]
             heads.add(b, ntok, where, hidden, tgt, final=b is todo[-1])
             del hidden, tasks
             for b_done, ntok_done, batch_out in heads.finished():
@@ -283,6 +315,49 @@ def _run_batches(engine: Engine, rendered: Sequence[Rendered], plan: Plan, todo:
         for _, (*_, tasks) in launched:
             for t in tasks:
                 t.cancel()
+
+
+# ---------------------------------------------------------------------------------------------- trunk
+def _comparable(config):
+    """A config without its source config.json text (names, paths): what the computation depends on."""
+    return dataclasses.replace(config, hf_config_json="{}")
+
+
+def _resolve_trunk(policy, reference, options: ScoringOptions, given=None) -> dict:
+    """How many leading layers the engine runs once for both models, and why: {"layers": k, "reason",
+    "source", "detect_seconds"}. k = 0 (two separate forwards) without a reference, with
+    ``options.shared_trunk`` off, for linear-attention (Gated DeltaNet) models, for configs or parameter
+    dtypes that differ, or when the embeddings / first layer differ. Otherwise k comes from ``given`` (a
+    ``pa_jax.models.shared.SharedTrunk`` the caller established, e.g. ``trunk_from_adapter`` for a LoRA
+    policy over the reference's own base) or from the tensor digests of both models
+    (``pa_jax.models.shared.shared_trunk``: every parameter hashed once, ``detect_seconds``), capped at
+    L - 1 (each model runs at least its last layer)."""
+    rec = {"layers": 0, "reason": "", "source": None, "detect_seconds": 0.0}
+    if reference is None:
+        return {**rec, "reason": "no reference model"}
+    if not options.shared_trunk:
+        return {**rec, "reason": "turned off (ScoringOptions.shared_trunk=False, --no-shared-trunk)"}
+    (pc, pm), (rc, rm) = policy, reference
+    if pc.has_linear_attention or rc.has_linear_attention:
+        return {**rec, "reason": "linear-attention (Gated DeltaNet) layers: the engine does not fork them"}
+    if _comparable(pc) != _comparable(rc):
+        return {**rec, "reason": "configs differ"}
+    if pm.embed_tokens.weight[...].dtype != rm.embed_tokens.weight[...].dtype:
+        return {**rec, "reason": "parameter dtypes differ"}
+    t0 = time.perf_counter()
+    if given is None:
+        from pa_jax.models.shared import shared_trunk
+
+        found, source = shared_trunk(pm, rm), "parameters (tensor digests)"
+    else:
+        found, source = given, "given (e.g. a LoRA adapter's target layers)"
+    k, n = int(found.layers), pc.num_layers
+    if not 0 <= k <= n:
+        raise ValueError(f"shared trunk of {k} layers: expected 0 <= k <= {n} (num_layers)")
+    reason = found.reason
+    if k == n:
+        k, reason = n - 1, f"{reason}; capped at {n - 1}: each model runs at least its last layer"
+    return {**rec, "layers": k, "reason": reason, "source": source, "detect_seconds": time.perf_counter() - t0}
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -321,6 +396,7 @@ def score_rendered(
     pad_id: int = 0,
     progress: Callable[[Batch, int], None] | None = None,
     engine: Engine | None = None,
+    trunk: Any = None,
 ) -> ScoreResult:
     """Per-token statistics of every rendered trajectory (in input order).
 
@@ -329,6 +405,10 @@ def score_rendered(
     models and settings in the key (e.g. ``model_identity`` of each path and the dtype).
     progress(batch, tokens): called after each batch (computed or loaded from cache).
     engine: the compiled programs and threads to run on (default: ``programs.DEFAULT_ENGINE``).
+    trunk: a ``pa_jax.models.shared.SharedTrunk`` the caller established (e.g. from a LoRA adapter); None:
+    detected from the parameters when ``options.shared_trunk`` (see ``_resolve_trunk``; the record is
+    ``ScoreResult.shared_trunk``). Detection hashes every parameter: a caller that scores the same pair
+    repeatedly can detect once (``pa_jax.models.shared.shared_trunk``) and pass the result.
     """
     engine = DEFAULT_ENGINE if engine is None else engine
     same_vocab = _checked_vocab(rendered, policy, reference)
@@ -369,10 +449,13 @@ def score_rendered(
         if progress:
             progress(b, ntok)
 
+    trunk_rec = (_resolve_trunk(policy, reference, options, trunk) if todo else
+                 {"layers": 0, "reason": "nothing computed (every batch from the cache)", "source": None,
+                  "detect_seconds": 0.0})
     if todo:
         engine.apply_allocator(options.mmap_threshold)
         _run_batches(engine, rendered, plan, todo, models, options, same_vocab=same_vocab, mesh=mesh, dp=dp,
-                     pad_id=pad_id, done=done)
+                     pad_id=pad_id, done=done, trunk_layers=trunk_rec["layers"])
 
     stats = []
     for i, r in enumerate(rendered):
@@ -385,4 +468,4 @@ def score_rendered(
             kl=d.get("kl"),
         ))
     return ScoreResult(stats, plan, None if cache is None else str(cache.directory), computed, from_cache, tokens,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, trunk_rec)

@@ -32,7 +32,9 @@ DEFAULT_BUCKETS = (128, 256, 512, 768, 1024, 2048, 3072, 4096, 5120, 6144, 8192,
                    24576, 32768)
 # options that change how fast or in which threads the engine works, never a number it computes:
 # left out of the cache key
-RUNTIME_FIELDS = ("max_batch_tokens", "concurrent_models", "mmap_threshold")
+# (shared_trunk: the trunk runs the same operations on the same tensors; its statistics equal the two-forward
+# path's up to float rounding, tests/test_scoring_trunk.py, as max_batch_tokens' other batch shapes do)
+RUNTIME_FIELDS = ("max_batch_tokens", "concurrent_models", "mmap_threshold", "shared_trunk")
 
 
 @dataclass(frozen=True)
@@ -40,10 +42,11 @@ class ScoringOptions:
     """Options that change how (not what) the engine computes; all but ``RUNTIME_FIELDS`` enter the
     cache key because they can change the floating-point result.
 
-    Two are settings of the run rather than of the plan: ``concurrent_models`` (the policy's and the
-    reference's forwards in two host threads, see ``engine``) and ``mmap_threshold``, the
+    Three are settings of the run rather than of the plan: ``concurrent_models`` (the policy's and the
+    reference's forwards in two host threads, see ``engine``), ``mmap_threshold``, the
     process-wide glibc allocator option the engine applies before it runs a batch
-    (``programs.Engine.apply_allocator``; None leaves the allocator as it is).
+    (``programs.Engine.apply_allocator``; None leaves the allocator as it is), and ``shared_trunk``
+    (embeddings and leading layers identical in both models run once per batch, see ``engine``).
     """
 
     top_k: int = 20
@@ -59,6 +62,7 @@ class ScoringOptions:
     head_positions: int = 2048  # the head runs on blocks of this many scored positions, across batches
     concurrent_models: bool = True  # policy and reference forwards in two host threads
     mmap_threshold: int | None = 1 << 20  # glibc: allocations of at least this many bytes via mmap (None: leave)
+    shared_trunk: bool = True  # identical leading layers of policy and reference run once (engine._resolve_trunk)
 
     def __post_init__(self):
         at_least = dict(top_k=0, max_batch_tokens=1, pack_length=1, min_prefix=0, attention_chunk=1, vocab_chunk=1,
@@ -67,6 +71,8 @@ class ScoringOptions:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
                 raise ValueError(f"ScoringOptions.{name} must be an integer >= {low}, got {v!r}")
+        if not isinstance(self.shared_trunk, (bool, np.bool_)):
+            raise ValueError(f"ScoringOptions.shared_trunk must be a bool, got {self.shared_trunk!r}")
 
 
 @dataclass(frozen=True)

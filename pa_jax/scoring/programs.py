@@ -3,8 +3,12 @@
 An ``Engine`` owns:
 
 * the memo of jitted programs (a model's chunk step, the KV buffer maker, the whole-row forward, the
-  scored-position gather/collect and the head), keyed by the settings each closes over (jit then
-  caches by shape); least recently used programs are dropped past ``max_programs``;
+  scored-position gather/collect and the head; the step and whole-row forward also for a range of
+  layers, for a shared trunk), keyed by the settings each closes over (jit then caches by shape);
+  least recently used programs are dropped past ``max_programs``;
+* the shared-trunk runs (``trunk_chunked_hidden_at``, ``trunk_prefix_buffers``, ``trunk_full_rows_at``):
+  layers [0, k) of two models with identical embeddings and first k layers once, then each model's
+  layers [k, L) from that residual stream, each with its own KV buffer of its layers;
 * the dispatch lock: one dispatch (trace, compile, enqueue) at a time, so each new shape compiles
   once and no two compilations (the largest transient memory) overlap, while the computations
   themselves still run at the same time;
@@ -168,20 +172,28 @@ class Engine:
             return program(*args)
 
     # ----------------------------------------------------------------------------------- programs
-    def step_program(self, graphdef):
-        """jit(state, ids [R, C], mask [R, C], cache, index) -> (hidden [R, C, D], cache): one chunk of rows,
-        written into the KV buffer ``cache`` at ``index`` (donated: updated in place). Memoized per graphdef,
-        so a policy and reference of one architecture share every compiled shape."""
+    def step_program(self, graphdef, layers: tuple[int, int] | None = None):
+        """jit(state, ids [R, C], mask [R, C], cache, index, hidden=None) -> (hidden [R, C, D], cache): one chunk
+        of rows, written into the KV buffer ``cache`` at ``index`` (donated: updated in place). ``layers``: run
+        only layers [a, b) (``Decoder``'s ``layer_range``; ``hidden`` is then the residual stream after layer
+        a - 1 when a > 0, and the cache holds layers [a, b) only). Memoized per graphdef and range, so a policy
+        and reference of one architecture share every compiled shape."""
 
-        def step(state, ids, mask, cache, index):
-            return nnx.merge(graphdef, state)(ids, mask, cache=cache, cache_index=index)
+        def step(state, ids, mask, cache, index, hidden=None):
+            return nnx.merge(graphdef, state)(ids, mask, cache=cache, cache_index=index, layer_range=layers,
+                                              hidden_states=hidden)
 
-        return self.memo(("step", graphdef), lambda: jax.jit(step, donate_argnames=("cache",)))
+        key = ("step", graphdef) if layers is None else ("step", graphdef, layers)
+        return self.memo(key, lambda: jax.jit(step, donate_argnames=("cache",)))
 
-    def empty_buffer(self, graphdef, state, rows: int, length: int, prefix=None, prefix_len: int = 0):
-        """An all-invalid KV buffer [rows, length] for the model, holding ``prefix[:, :prefix_len]`` in front."""
-        shapes = self.memo(("kv_shapes", graphdef), lambda: jax.eval_shape(
+    def empty_buffer(self, graphdef, state, rows: int, length: int, prefix=None, prefix_len: int = 0,
+                     layers: tuple[int, int] | None = None):
+        """An all-invalid KV buffer [rows, length] for the model (its layers [a, b) only with ``layers``),
+        holding ``prefix[:, :prefix_len]`` in front."""
+        full = self.memo(("kv_shapes", graphdef), lambda: jax.eval_shape(
             lambda s: nnx.merge(graphdef, s)(jnp.zeros((1, 1), jnp.int32), return_kv=True)[1], state))
+        a, b = (0, len(full.keys)) if layers is None else layers
+        shapes = full._replace(keys=full.keys[a:b], values=full.values[a:b])
 
         def make(pre):
             buf = KVCache.empty(shapes, rows, length)
@@ -190,7 +202,7 @@ class Engine:
             put = lambda z, a: z.at[:, :prefix_len].set(jnp.broadcast_to(a[:, :prefix_len], (rows, prefix_len) + a.shape[2:]))  # noqa: E731
             return jax.tree.map(put, buf, pre)
 
-        return self.dispatch(self.memo(("buffer", graphdef, rows, length, prefix_len, prefix is None),
+        return self.dispatch(self.memo(("buffer", graphdef, rows, length, prefix_len, prefix is None, (a, b)),
                                        lambda: jax.jit(make)), prefix)
 
     def run_chunks(self, graphdef, state, ids: np.ndarray, mask: np.ndarray, cache, *, chunk: int, start: int,
@@ -285,13 +297,79 @@ class Engine:
         """jit(hidden [R, T, D], pos [R, N]) -> hidden[r, pos[r, n]] [R, N, D]."""
         return self.memo(("gather",), lambda: jax.jit(gather_positions))
 
-    def full_row_program(self, graphdef, use_seg: bool):
-        """jit(state, ids, mask, seg) -> hidden [R, T, D]: one forward of whole (possibly packed) rows."""
+    def full_row_program(self, graphdef, use_seg: bool, layers: tuple[int, int] | None = None):
+        """jit(state, ids, mask, seg, hidden=None) -> hidden [R, T, D]: one forward of whole (possibly packed)
+        rows; with ``layers`` = (a, b) only layers [a, b) (``hidden``: the residual stream after layer a - 1)."""
 
-        def fwd(state, ids, mask, seg):
-            return nnx.merge(graphdef, state)(ids, mask, segment_ids=seg if use_seg else None)
+        def fwd(state, ids, mask, seg, hidden=None):
+            return nnx.merge(graphdef, state)(ids, mask, segment_ids=seg if use_seg else None, layer_range=layers,
+                                              hidden_states=hidden)
 
-        return self.memo(("full", graphdef, use_seg), lambda: jax.jit(fwd))
+        key = ("full", graphdef, use_seg) if layers is None else ("full", graphdef, use_seg, layers)
+        return self.memo(key, lambda: jax.jit(fwd))
+
+    # ----------------------------------------------------------------------------------- shared trunk
+    def trunk_chunked_hidden_at(self, trunk, branches, ids: np.ndarray, mask: np.ndarray, pos, *, chunk: int,
+                                buffer: int, put: Callable = jnp.asarray, prefixes=None, prefix_len: int = 0):
+        """``chunked_hidden_at`` of several models that share their embeddings and first k layers: per chunk,
+        the trunk ``trunk = (graphdef, state, k)`` runs layers [0, k) once (its own KV buffer of k layers), and
+        each branch ``(graphdef, state, L)`` runs layers [k, L) + final norm from the trunk's residual stream (a
+        buffer of L - k layers each). ``prefixes``: (trunk prefix cache, [branch prefix caches]) of a shared
+        prefix (``trunk_prefix_buffers``), or None. Returns [R, N, D] per branch, in order."""
+        g0, s0, k = trunk
+        tstep = self.step_program(g0, (0, k))
+        pre_t, pre_b = (None, [None] * len(branches)) if prefixes is None else prefixes
+        tcache = self.empty_buffer(g0, s0, ids.shape[0], buffer, pre_t, prefix_len, layers=(0, k))
+        bsteps, bcaches = [], []
+        for (g, s, top), pre in zip(branches, pre_b):
+            bsteps.append(self.step_program(g, (k, top)))
+            bcaches.append(self.empty_buffer(g, s, ids.shape[0], buffer, pre, prefix_len, layers=(k, top)))
+        collect = self.collect_program()
+        accs = [None] * len(branches)
+        for j in range(0, ids.shape[1], chunk):
+            x, m, idx = put(ids[:, j:j + chunk]), put(mask[:, j:j + chunk]), np.int32(prefix_len + j)
+            h, tcache = self.dispatch(tstep, s0, x, m, tcache, idx)
+            for b, ((g, s, _), step) in enumerate(zip(branches, bsteps)):
+                hb, bcaches[b] = self.dispatch(step, s, x, m, bcaches[b], idx, h)
+                if accs[b] is None:
+                    accs[b] = jnp.zeros(pos.shape + hb.shape[2:], hb.dtype, device=hb.sharding)
+                accs[b] = self.dispatch(collect, accs[b], hb, pos, np.int32(j))
+        del tcache, bcaches
+        return accs
+
+    def trunk_prefix_buffers(self, trunk, branches, ids: np.ndarray, *, chunk: int, rows: int, buffer: int):
+        """``prefix_buffer`` with a shared trunk (see ``trunk_chunked_hidden_at``): the prefix's keys/values of
+        layers [0, k) computed once, and of layers [k, L) per branch. Returns (trunk cache [rows, n] of k layers,
+        [branch cache [rows, n] of L - k layers]), n = len(ids) rounded up to a multiple of ``chunk``."""
+        g0, s0, k = trunk
+        n = round_up(len(ids), chunk)
+        x = np.zeros((rows, n), np.int32)
+        m = np.zeros((rows, n), np.int32)
+        x[:, :len(ids)] = ids
+        m[:, :len(ids)] = 1
+        tstep = self.step_program(g0, (0, k))
+        tcache = self.empty_buffer(g0, s0, rows, buffer, layers=(0, k))
+        bsteps = [self.step_program(g, (k, top)) for g, _, top in branches]
+        bcaches = [self.empty_buffer(g, s, rows, buffer, layers=(k, top)) for g, s, top in branches]
+        for j in range(0, n, chunk):
+            xc, mc, idx = jnp.asarray(x[:, j:j + chunk]), jnp.asarray(m[:, j:j + chunk]), np.int32(j)
+            h, tcache = self.dispatch(tstep, s0, xc, mc, tcache, idx)
+            for b, ((_, s, _), step) in enumerate(zip(branches, bsteps)):
+                _, bcaches[b] = self.dispatch(step, s, xc, mc, bcaches[b], idx, h)
+        cut = lambda c: jax.tree.map(lambda a: a[:, :n], c)  # noqa: E731  (only the prefix entries)
+        return cut(tcache), [cut(c) for c in bcaches]
+
+    def trunk_full_rows_at(self, trunk, branches, ids, mask, seg, pos, *, use_seg: bool):
+        """Whole (possibly packed) rows with a shared trunk: layers [0, k) once, then each branch's layers
+        [k, L) + final norm; returns each branch's hidden states at ``pos`` [R, N, D], in order."""
+        g0, s0, k = trunk
+        h = self.dispatch(self.full_row_program(g0, use_seg, (0, k)), s0, ids, mask, seg)
+        gather = self.gather_program()
+        out = []
+        for g, s, top in branches:
+            hb = self.dispatch(self.full_row_program(g, use_seg, (k, top)), s, ids, mask, seg, h)
+            out.append(self.dispatch(gather, hb, pos))
+        return out
 
 
 DEFAULT_ENGINE = Engine()  # what score_rendered runs on unless given an engine (no thread until first used)
