@@ -31,30 +31,26 @@ def _fake_logprobs(tree, salt: int):
     return out
 
 
-def _oracle_pairs(env, tree, pol, ref, sol, beta, min_reach):
-    """(score, A*) of every (visited history, action), by recursion over env.outcomes, matched to nodes by turns."""
+def _oracle_pairs(env, tree, pol, ref, sol, beta):
+    """(score, A*, d(h, a), reach(h)) of every (history, action), by recursion over env.outcomes (nodes matched
+    by their turns)."""
     index = {t: n for n, t in enumerate(tree.turns)}
-    pairs, weights = [], []
+    rows = []
 
     def visit(turns, status, depth, reach):
         n = index[turns]
         p = np.exp(pol[n])
-        inv_p = 1 - p.sum()
-        inv_r = 1 - np.exp(ref[n]).sum()
-        if reach >= min_reach:
-            for a in range(4):
-                pairs.append((beta * (pol[n, a] - ref[n, a]), sol.q[n, a] - sol.v[n]))
-                weights.append(reach * p[a])
-            pairs.append((beta * (np.log(inv_p) - np.log(inv_r)), -sol.v[n]))
-            weights.append(reach * inv_p)
+        inv_p, inv_r = 1 - p.sum(), 1 - np.exp(ref[n]).sum()
+        for a in range(4):
+            rows.append((beta * (pol[n, a] - ref[n, a]), sol.q[n, a] - sol.v[n], reach * p[a], reach))
+        rows.append((beta * (np.log(inv_p) - np.log(inv_r)), -sol.v[n], reach * inv_p, reach))
         for a in range(4):
             for o in env.outcomes(status, a):
                 if o.reward is None and depth + 1 < env.horizon:
                     visit(turns + ((a, o.text),), o.status, depth + 1, reach * p[a] * o.prob)
 
     visit((), te.UNKNOWN, 0, 1.0)
-    x, y = np.array(pairs).T
-    return x, y, np.array(weights)
+    return np.array(rows).T
 
 
 @pytest.mark.parametrize("horizon", [2, 3])
@@ -62,18 +58,21 @@ def test_prop1_agreement_matches_recursive_oracle(horizon):
     env = te.ToolEnv(horizon=horizon)
     tree = te.build_tree(env)
     ref, pol = _fake_logprobs(tree, 0), _fake_logprobs(tree, 1)
-    beta = 0.3
+    beta, mv = 0.3, 0.01
     sol = te.solve(tree, ref, beta)
-    got = te.prop1_agreement(tree, pol, ref, sol, beta, min_reach=0.02)
-    x, y, w = _oracle_pairs(env, tree, pol, ref, sol, beta, 0.02)
-    assert got["history_actions"] == len(x)
-    assert got["pearson"] == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
-    assert got["mean_abs_error"] == pytest.approx(np.mean(np.abs(x - y)), abs=1e-12)
-    assert got["max_abs_error"] == pytest.approx(np.max(np.abs(x - y)), abs=1e-12)
-    w = w / w.sum()
+    got = te.prop1_agreement(tree, pol, ref, sol, beta, min_visit=mv)
+    x, y, d, reach = _oracle_pairs(env, tree, pol, ref, sol, beta)
+    for key, keep in ((None, d >= mv), ("all_actions", reach >= mv)):
+        g = got if key is None else got[key]
+        assert g["history_actions"] == keep.sum() > 5
+        assert g["pearson"] == pytest.approx(np.corrcoef(x[keep], y[keep])[0, 1], abs=1e-12)
+        assert g["mean_abs_error"] == pytest.approx(np.mean(np.abs(x[keep] - y[keep])), abs=1e-12)
+        assert g["max_abs_error"] == pytest.approx(np.max(np.abs(x[keep] - y[keep])), abs=1e-12)
+    w = d / d.sum()
     mx, my = w @ x, w @ y
     wp = (w @ ((x - mx) * (y - my))) / np.sqrt((w @ (x - mx) ** 2) * (w @ (y - my) ** 2))
     assert got["pearson_weighted"] == pytest.approx(wp, abs=1e-12)
+    assert got["weighted_mean_abs_error"] == pytest.approx(w @ np.abs(x - y), abs=1e-12)
     # at the exact optimum the log-ratio IS A* (Proposition 1): Pearson 1, error 0
     opt = te.prop1_agreement(tree, sol.log_policy, ref, sol, beta)
     assert opt["pearson"] == pytest.approx(1.0, abs=1e-12) and opt["max_abs_error"] < 1e-10

@@ -339,14 +339,19 @@ def tree_tokens(tree: ToolTree, tokenizer: Any, end_of_message: str = "<|im_end|
 
 
 def prop1_agreement(tree: ToolTree, policy_logprobs: np.ndarray, ref_logprobs: np.ndarray, solution: ToolSolution,
-                    beta: float, *, min_reach: float = 1e-3, invalid_value: float = 0.0) -> dict[str, float]:
-    """Proposition 1 on the tree: ``beta * log pi(a|h) / pi_ref(a|h)`` against the exact ``A*(h, a)`` over the
-    history-actions of the histories the policy visits (``Pr_pi(reach h) >= min_reach``), every command and
-    "invalid" (``A*(h, invalid) = invalid_value - V*(h)``).
+                    beta: float, *, min_visit: float = 1e-3, invalid_value: float = 0.0) -> dict:
+    """Proposition 1 on the tree: ``x = beta * log pi(a|h) / pi_ref(a|h)`` against the exact ``A*(h, a)`` for
+    every command and "invalid" (``A*(h, invalid) = invalid_value - V*(h)``).
 
-    Returns ``pearson`` (unweighted over those history-actions), ``pearson_weighted`` (each weighted by
-    ``Pr_pi(reach h) pi(a|h)``, i.e. by how often the policy takes it), ``mean_abs_error``/``max_abs_error``
-    (unweighted), ``weighted_mean_abs_error`` and the counts."""
+    With ``d(h, a) = Pr_pi(reach h) pi(a|h)`` (the probability that an episode of the policy takes ``a`` at
+    ``h``), returns
+
+    * ``pearson``, ``mean_abs_error``, ``max_abs_error``, ``history_actions``: over the history-actions the
+      policy visits, ``d(h, a) >= min_visit``, each once (the exact counterpart of "the distinct pairs seen
+      in sampled rollouts");
+    * ``pearson_weighted``, ``weighted_mean_abs_error``: over all history-actions, weighted by ``d(h, a)``;
+    * ``all_actions``: the same three numbers over every action (taken or not) at the histories the policy
+      reaches with probability >= ``min_visit``."""
     pol = check_logprobs(tree, policy_logprobs, "policy_logprobs")
     ref = check_logprobs(tree, ref_logprobs, "ref_logprobs")
     reach = reach_probabilities(tree, pol)
@@ -355,21 +360,24 @@ def prop1_agreement(tree: ToolTree, policy_logprobs: np.ndarray, ref_logprobs: n
     a_star = np.concatenate([solution.advantage, (invalid_value - solution.v)[:, None]], axis=1)
     with np.errstate(invalid="ignore"):
         score = beta * (pol_full - ref_full)
-    keep = (reach >= min_reach)[:, None] & np.isfinite(score) & np.isfinite(a_star)
-    x, y = score[keep], a_star[keep]
-    w = (reach[:, None] * np.exp(pol_full))[keep]
-    w = w / w.sum() if w.sum() > 0 else w
+    finite = np.isfinite(score) & np.isfinite(a_star)
+    d = reach[:, None] * np.exp(pol_full)
 
-    def wcorr(x, y, w):
-        mx, my = np.sum(w * x), np.sum(w * y)
-        cov = np.sum(w * (x - mx) * (y - my))
-        return float(cov / np.sqrt(np.sum(w * (x - mx) ** 2) * np.sum(w * (y - my) ** 2)))
+    def stats(keep):
+        x, y = score[keep], a_star[keep]
+        err = np.abs(x - y)
+        return {"pearson": float(np.corrcoef(x, y)[0, 1]) if len(x) > 1 else float("nan"),
+                "mean_abs_error": float(err.mean()) if len(x) else float("nan"),
+                "max_abs_error": float(err.max()) if len(x) else float("nan"),
+                "history_actions": int(keep.sum())}
 
-    err = np.abs(x - y)
-    return {"pearson": float(np.corrcoef(x, y)[0, 1]) if len(x) > 1 else float("nan"),
-            "pearson_weighted": wcorr(x, y, w) if len(x) > 1 else float("nan"),
-            "mean_abs_error": float(err.mean()) if len(x) else float("nan"),
-            "max_abs_error": float(err.max()) if len(x) else float("nan"),
-            "weighted_mean_abs_error": float(np.sum(w * err)) if len(x) else float("nan"),
-            "history_actions": int(keep.sum()), "histories": int((reach >= min_reach).sum()),
-            "min_reach": float(min_reach)}
+    out = stats(finite & (d >= min_visit))
+    keep = finite & (d > 0)
+    x, y, w = score[keep], a_star[keep], d[keep] / d[keep].sum()
+    mx, my = np.sum(w * x), np.sum(w * y)
+    out["pearson_weighted"] = float(np.sum(w * (x - mx) * (y - my)) /
+                                    np.sqrt(np.sum(w * (x - mx) ** 2) * np.sum(w * (y - my) ** 2)))
+    out["weighted_mean_abs_error"] = float(np.sum(w * np.abs(x - y)))
+    out["all_actions"] = stats(finite & (reach >= min_visit)[:, None])
+    out["min_visit"] = float(min_visit)
+    return out
