@@ -190,7 +190,7 @@ def careful_torch_scores(model, rendered, top_k: int = 20, prefix_length: int | 
 def _torch_load_fn(cfg: dict, dtype, attn: str | None):
     from transformers import AutoModelForCausalLM
 
-    kw = {"dtype": dtype}
+    kw = {"dtype": dtype, "local_files_only": True}  # local checkpoints only: never the hub
     if attn:
         kw["attn_implementation"] = attn
     if cfg["workload"] == "airline":

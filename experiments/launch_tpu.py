@@ -70,7 +70,7 @@ def tokenize(args, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
         tok = load_gguf_tokenizer(src)
     else:
-        tok = AutoTokenizer.from_pretrained(src)
+        tok = AutoTokenizer.from_pretrained(src, local_files_only=True)  # a local path: never the hub
     ids = np.zeros((len(texts), args.seq), np.int32)
     mask = np.zeros_like(ids)
     for i, t in enumerate(texts):

@@ -471,15 +471,23 @@ def _edit(z):
     z[k] = z[k] + np.float32(0.5)
 
 
+def _old_format_index(key_dir):
+    """index.json as an earlier pa-jax wrote it: {batch: file name}, no format field, no checksums."""
+    idx = json.loads((key_dir / "index.json").read_text())
+    idx.pop("format")
+    idx["done"] = {b: e["file"] for b, e in idx["done"].items()}
+    (key_dir / "index.json").write_text(json.dumps(idx))
+
+
 def _stale_cache_temp(key_dir):
     old = key_dir / "batch_00000.npz.abc123.tmp"
     old.write_bytes(b"PK partial")
     os.utime(old, (time.time() - 3600, time.time() - 3600))
 
 
-# NOT YET RUN: the cache side (checksums + shapes per batch, recompute what does not verify, record it) waits
-# for the scoring package split (branch arch-scoring); add these to CASES when it lands.
-PENDING_CACHE_CASES = [
+# the per-token cache (pa_jax.scoring.cache): checksums, shapes and dtypes per batch in index.json; a batch or
+# index that does not verify is recomputed, with one line on stderr and a record in checks.cache_repairs
+CASES += [
     # 6 / 7 / 9. the per-token cache: a batch that does not verify is recomputed, and the repair recorded
     Case("cache_npz_truncated", lambda t: _cached_run(t, lambda d: truncated(_npz(d), 0.5)), 0,
          r"batch_00000\.npz: .*recomputed", _same_scores_as_first_run),
@@ -491,6 +499,10 @@ PENDING_CACHE_CASES = [
          r"batch_00000\.npz: .*recomputed", _same_scores_as_first_run),
     Case("cache_array_edited", lambda t: _cached_run(t, lambda d: _rewrite_npz(d, _edit)), 0,
          r"batch_00000\.npz: .*recomputed", _same_scores_as_first_run),
+    Case("cache_index_not_object", lambda t: _cached_run(t, lambda d: (d / "index.json").write_text("[]")), 0,
+         r"index\.json: not a cache index \(a JSON list, expected an object\); .*starts afresh", _same_scores_as_first_run),
+    Case("cache_index_without_checksums", lambda t: _cached_run(t, _old_format_index), 0,
+         r"index\.json: written by an earlier pa-jax without checksums.*starts afresh", _same_scores_as_first_run),
     Case("cache_stale_temp_removed", lambda t: _cached_run(t, _stale_cache_temp), 0, r"scored 4 trajectories",
          lambda t, r: (_same_scores_as_first_run(t, r, repaired=False),
                        not list((t / "cache").glob("*/*.tmp")) or pytest.fail("stale temp left"))),

@@ -240,10 +240,19 @@ def score_models(args: argparse.Namespace, inputs: Inputs, policy, reference, me
         if bar is not None:
             bar.update(sum(len(rendered[i]) for row in batch.rows for i in row))
 
+    repairs = None
+    if args.cache and inputs.preflight is not None:  # -> results["checks"]["cache_repairs"] ([]: all verified)
+        repairs = inputs.preflight.setdefault("cache_repairs", [])
+
+    def repaired(rec):  # a cached batch (or the cache index) that did not verify: one line, and recorded
+        print(f"pa-jax: warning: cache {rec['file']}: {rec['reason']}; {rec['action']}", file=sys.stderr)
+        if repairs is not None:
+            repairs.append(rec)
+
     try:
         return scoring.score_rendered(rendered, policy, reference, options=opts, cache_dir=args.cache,
                                       cache_meta=meta, mesh=inputs.mesh, pad_id=inputs.pad_id, progress=progress,
-                                      trunk=trunk)
+                                      trunk=trunk, on_cache_repair=repaired)
     except (ValueError, OSError) as e:  # after the first forward: say how to resume
         raise (OSError if isinstance(e, OSError) else ValueError)(f"{e} ({preflight.resume_hint(args)})") from e
     except BaseException:  # interrupted, out of memory, ...: the traceback stays, with the way back

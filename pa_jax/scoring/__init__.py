@@ -6,7 +6,8 @@ One concern a module:
   rows, and each batch's host arrays. Pure (NumPy, no device).
 * ``programs``: ``Engine``, the one object holding the compiled programs (memo), the dispatch lock,
   the model threads behind one executor interface, and the allocator option (``set_mmap_threshold``).
-* ``cache``: the per-token cache on disk (key, batch files, index, resume), written with ``pa_jax.io``.
+* ``cache``: the per-token cache on disk (key, batch files, index, resume), written with ``pa_jax.io``;
+  every batch verified on read (SHA-256, shape and dtype of each array; the plan's rows), else recomputed.
 * ``engine``: ``score_rendered`` = check -> plan -> open cache -> run -> assemble; ``TrajectoryStats``,
   ``ScoreResult``, ``dense``; the concurrency argument is ``engine._run_batches``'s docstring.
 

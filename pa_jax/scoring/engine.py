@@ -54,7 +54,7 @@ import collections
 import dataclasses
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import jax
@@ -110,6 +110,7 @@ class ScoreResult:
     tokens_computed: int
     seconds: float
     shared_trunk: dict | None = None  # _resolve_trunk's record: layers (k used), reason, source, detect_seconds
+    cache_repairs: list[dict] = field(default_factory=list)  # cache.BatchCache.repairs: what did not verify
 
 
 def dense(stats: Sequence[TrajectoryStats], field: str, *, fill: float = 0.0) -> np.ndarray:
@@ -397,6 +398,7 @@ def score_rendered(
     progress: Callable[[Batch, int], None] | None = None,
     engine: Engine | None = None,
     trunk: Any = None,
+    on_cache_repair: Callable[[dict], None] | None = None,
 ) -> ScoreResult:
     """Per-token statistics of every rendered trajectory (in input order).
 
@@ -409,6 +411,8 @@ def score_rendered(
     detected from the parameters when ``options.shared_trunk`` (see ``_resolve_trunk``; the record is
     ``ScoreResult.shared_trunk``). Detection hashes every parameter: a caller that scores the same pair
     repeatedly can detect once (``pa_jax.models.shared.shared_trunk``) and pass the result.
+    on_cache_repair(record): called when a cached batch or the cache index does not verify and is
+    recomputed / discarded (``cache.BatchCache``); the records are also in ``ScoreResult.cache_repairs``.
     """
     engine = DEFAULT_ENGINE if engine is None else engine
     same_vocab = _checked_vocab(rendered, policy, reference)
@@ -419,14 +423,20 @@ def score_rendered(
     cache = None
     if cache_dir is not None:
         meta = key_meta(options, plan.prefix_length, reference is not None, cache_meta)
-        cache = BatchCache.open(cache_dir, rendered, meta, len(plan.batches))
+        cache = BatchCache.open(cache_dir, rendered, meta, len(plan.batches), warn=on_cache_repair)
+    reference_fields = ("reference_logprob", "reference_entropy", "kl")
+    fields = ("step_ids",) + tuple(f for f in STAT_FIELDS if reference is not None or f not in reference_fields)
 
     t0 = time.perf_counter()
     results: dict[int, dict[str, np.ndarray]] = {}
     todo = []
     from_cache = 0
     for b in plan.batches:
-        got = None if cache is None else cache.load(b.index)
+        got = None
+        if cache is not None:  # verified against its checksums and the plan; None: not there or recomputed
+            expect = {i: rendered[i].step_ids[scored_targets(rendered[i])].astype(np.int32)
+                      for row in b.rows for i in row}
+            got = cache.load(b.index, expect, fields)
         if got is not None:
             results.update(got)
             from_cache += 1
@@ -468,4 +478,4 @@ def score_rendered(
             kl=d.get("kl"),
         ))
     return ScoreResult(stats, plan, None if cache is None else str(cache.directory), computed, from_cache, tokens,
-                       time.perf_counter() - t0, trunk_rec)
+                       time.perf_counter() - t0, trunk_rec, cache_repairs=[] if cache is None else list(cache.repairs))
