@@ -28,10 +28,10 @@ case "$MODE" in
     OUT=${OUT:-results/real_full}; mkdir -p "$OUT"
     C=(--policy "$G" --reference "$G" --cache "$OUT/cache" --dtype bfloat16 --no-progress)
     AIR=(--data "$DATA/tau_bench_v1/gpt-4o-airline.json" --token-agg all --step-agg all --heldout-folds 5)
+    .venv/bin/pa-jax fa "${C[@]}" --data "$DATA/who_and_when/Hand-Crafted" --token-agg all --step-agg mean --out "$OUT/fa_hand_crafted.json"
+    .venv/bin/pa-jax fa "${C[@]}" --data "$DATA/who_and_when/Algorithm-Generated" --token-agg all --step-agg mean --out "$OUT/fa_algorithm_generated.json"
     .venv/bin/pa-jax uq "${C[@]}" "${AIR[@]}" --out "$OUT/uq_airline.json"
     .venv/bin/pa-jax bon "${C[@]}" "${AIR[@]}" --out "$OUT/bon_airline.json"
-    .venv/bin/pa-jax fa "${C[@]}" --data "$DATA/who_and_when/Algorithm-Generated" --token-agg all --step-agg mean --out "$OUT/fa_algorithm_generated.json"
-    .venv/bin/pa-jax fa "${C[@]}" --data "$DATA/who_and_when/Hand-Crafted" --token-agg all --step-agg mean --out "$OUT/fa_hand_crafted.json"
     ;;
   *) echo "usage: $0 [subsets|full]" >&2; exit 2 ;;
 esac

@@ -22,7 +22,8 @@ Steps (no network, no input):
    rollouts carry ``mistake_step``: the step of most negative exact A*) and a best-of-N directory, then
    ``pa-jax uq``, ``pa-jax bon`` and ``pa-jax fa`` on them, through the CLI, with the exact A* per step as an
    external scorer (``--extra-scores``). An "invalid" action's text is drawn from the policy itself
-   (KV-cached sampler, rejection of the valid commands).
+   (KV-cached sampler, rejection of the valid commands; from the reference where the policy gives "invalid"
+   too little mass for any draw to be invalid, counted in the results).
 5. ``results.json`` (atomic) and ``demo_smollm2.png`` in ``--out``.
 """
 from __future__ import annotations
@@ -98,36 +99,42 @@ def sample_rollouts(tree, env, logprobs: np.ndarray, n: int, rng: np.random.Gene
     return out
 
 
-def invalid_texts(model, tokenizer, prefixes: list[list[int]], commands: tuple[str, ...], rng_seed: int,
-                  max_new_tokens: int = 24, tries: int = 8) -> list[str]:
-    """A reply text for each prompt (token ids up to the assistant turn) drawn from ``model`` by the KV-cached
-    sampler, conditioned on being "invalid": non-empty and not exactly a valid command (rejection sampling,
-    ``tries`` rounds; a prompt still without one gets ``"(no valid reply)"``)."""
+def invalid_texts(models: list, tokenizer, prefixes: list[list[int]], commands: tuple[str, ...], rng_seed: int,
+                  max_new_tokens: int = 24, copies: int = 16, rounds: int = 2) -> list[tuple[str, str]]:
+    """A reply text for each prompt (token ids up to the assistant turn), conditioned on being "invalid":
+    non-empty and not exactly a valid command. ``models``: ``[(name, decoder)]`` tried in order (the policy
+    first); each draws ``copies`` samples per prompt per round with the KV-cached sampler and keeps the first
+    invalid one (rejection sampling). A trained policy can give "invalid" so little mass that no draw is
+    invalid; the next model (the reference, whose invalid mass is large) is then used, and the source is
+    returned with each text: ``[(text, model name)]``; ``("(no valid reply)", "none")`` when all fail."""
     import jax
 
     from pa_jax.rl.sampler import sample
 
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    texts: list[str | None] = [None] * len(prefixes)
+    texts: list[tuple[str, str] | None] = [None] * len(prefixes)
     key = jax.random.PRNGKey(rng_seed)
-    for _ in range(tries):
-        todo = [i for i, t in enumerate(texts) if t is None]
-        if not todo:
-            break
-        P = max(len(prefixes[i]) for i in todo)
-        ids = np.zeros((len(todo), P), np.int32)
-        mask = np.zeros((len(todo), P), np.int32)
-        for r, i in enumerate(todo):
-            ids[r, :len(prefixes[i])] = prefixes[i]
-            mask[r, :len(prefixes[i])] = 1
-        key, sub = jax.random.split(key)
-        gen, _, _ = sample(model, ids, mask, sub, max_new_tokens=max_new_tokens, stop_id=end_id)
-        for r, i in enumerate(todo):
-            toks = [int(t) for t in gen[r] if t >= 0 and t != end_id]
-            txt = tokenizer.decode(toks).strip()
-            if txt and txt not in commands:
-                texts[i] = txt
-    return [t if t is not None else "(no valid reply)" for t in texts]
+    for name, model in models:
+        for _ in range(rounds):
+            todo = [i for i, t in enumerate(texts) if t is None]
+            if not todo:
+                break
+            rows = [i for i in todo for _ in range(copies)]
+            P = max(len(prefixes[i]) for i in todo)
+            ids = np.zeros((len(rows), P), np.int32)
+            mask = np.zeros((len(rows), P), np.int32)
+            for r, i in enumerate(rows):
+                ids[r, :len(prefixes[i])] = prefixes[i]
+                mask[r, :len(prefixes[i])] = 1
+            key, sub = jax.random.split(key)
+            gen, _, _ = sample(model, ids, mask, sub, max_new_tokens=max_new_tokens, stop_id=end_id)
+            for r, i in enumerate(rows):
+                if texts[i] is not None:
+                    continue
+                txt = tokenizer.decode([int(t) for t in gen[r] if t >= 0 and t != end_id]).strip()
+                if txt and txt not in commands:
+                    texts[i] = (txt, name)
+    return [t if t is not None else ("(no valid reply)", "none") for t in texts]
 
 
 def rollout_simulation(env, tree, episode: list[tuple], adv_full: np.ndarray, sim_id: str, task_id: str,
@@ -243,12 +250,15 @@ def run_smollm2_demo(out_dir: str | os.PathLike, *, seed: int = 0, num_episodes:
     eps = sample_rollouts(tree, env, pol, num_heldout, heldout_rng)
     A = tree.num_actions
     need = [(f"r{i}", k, node) for i, ep in enumerate(eps) for k, (node, a, _, _) in enumerate(ep) if a == A]
-    texts = {}
+    texts, sources = {}, {}
     if need:
         merged = M.load(str(ads[-1][1]), base=gguf, dtype=dtype)[1]
-        drawn = invalid_texts(merged, tok, [list(tt.prefix[node]) for _, _, node in need], te.COMMANDS, seed)
-        texts = {(sid, k): t for (sid, k, _), t in zip(need, drawn)}
-    log(f"{num_heldout} held-out rollouts, {len(need)} invalid replies drawn from the policy")
+        drawn = invalid_texts([("policy", merged), ("reference", model)], tok,
+                              [list(tt.prefix[node]) for _, _, node in need], te.COMMANDS, seed)
+        texts = {(sid, k): t for (sid, k, _), (t, _) in zip(need, drawn)}
+        for _, src in drawn:
+            sources[src] = sources.get(src, 0) + 1
+    log(f"{num_heldout} held-out rollouts, {len(need)} invalid replies (text drawn from: {sources})")
     sims = [rollout_simulation(env, tree, ep, adv_full, f"r{i}", f"g{i // group_size}", i % group_size, texts)
             for i, ep in enumerate(eps)]
     data_dir = out / "heldout"
@@ -259,8 +269,9 @@ def run_smollm2_demo(out_dir: str | os.PathLike, *, seed: int = 0, num_episodes:
         (data_dir / "bon" / f"trial_{t}").mkdir(parents=True, exist_ok=True)
         atomic_write_json(data_dir / "bon" / f"trial_{t}" / "tool.json",
                           {"simulations": [s for s in sims if s["trial"] == t]})
-    exact_lines = "".join(json.dumps({"id": s["id"], "step_scores": s["exact_step_advantage"]}) + "\n" for s in sims)
-    (data_dir / "exact_advantage.jsonl").write_text(exact_lines)
+    exact_lines = "".join(json.dumps({"id": s["id"], "step_scores": s["exact_step_advantage"]}) + "\n"
+                          for s in sims if "mistake_step" in s)
+    (data_dir / "exact_advantage_failures.jsonl").write_text(exact_lines)
     bon_lines = "".join(json.dumps({"id": f"trial_{s['trial']}/tool/{s['id']}", "step_scores": s["exact_step_advantage"]})
                         + "\n" for s in sims)
     (data_dir / "exact_advantage_bon.jsonl").write_text(bon_lines)
@@ -269,12 +280,13 @@ def run_smollm2_demo(out_dir: str | os.PathLike, *, seed: int = 0, num_episodes:
         common = ["--policy", str(ads[-1][1]), "--policy-base", gguf, "--reference", gguf, "--rendering", "chat",
                   "--dtype", cli_dtype, "--cache", str(out / "cache"), "--token-agg", "all", "--step-agg", "all",
                   "--beta", str(beta), "--no-progress"]
-        _cli(["uq", *common, "--data", str(data_dir / "rollouts.json"),
-              "--extra-scores", f"exact_A={data_dir / 'exact_advantage.jsonl'}", "--out", str(out / "uq.json")])
+        # uq reads the same best-of-N directory as bon: the same trajectories, so the models score them once
+        _cli(["uq", *common, "--data", str(data_dir / "bon"),
+              "--extra-scores", f"exact_A={data_dir / 'exact_advantage_bon.jsonl'}", "--out", str(out / "uq.json")])
         _cli(["bon", *common, "--data", str(data_dir / "bon"),
               "--extra-scores", f"exact_A={data_dir / 'exact_advantage_bon.jsonl'}", "--out", str(out / "bon.json")])
         _cli(["fa", *common, "--data", str(data_dir / "failures.json"),
-              "--extra-scores", f"exact_A={data_dir / 'exact_advantage.jsonl'}", "--out", str(out / "fa.json")])
+              "--extra-scores", f"exact_A={data_dir / 'exact_advantage_failures.jsonl'}", "--out", str(out / "fa.json")])
         for name in ("uq", "bon", "fa"):
             apps[name] = json.loads((out / f"{name}.json").read_text())
         log("pa-jax uq / bon / fa done")
@@ -285,6 +297,7 @@ def run_smollm2_demo(out_dir: str | os.PathLike, *, seed: int = 0, num_episodes:
         "lora": {"layers": layers, "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets)},
         "reference": reference_rec, "adapters": per_adapter, "sampled_success": succ,
         "heldout": {"rollouts": num_heldout, "group_size": group_size, "invalid_replies": len(need),
+                    "invalid_text_drawn_from": sources,
                     "failures": int(sum("mistake_step" in s for s in sims)), "files": str(data_dir)},
         "applications": {k: _summary(k, v) for k, v in apps.items()},
         "seconds": time.time() - t_start,
@@ -340,7 +353,7 @@ def summary_table(r: dict) -> str:
         row = [f"{titles[app]}:"]
         for label, prefix in (("PA", "progress_advantage"), ("policy log-prob", "policy_logprob"),
                               ("self-certainty", "self_certainty"), ("DeepConf", "deepconf"),
-                              ("exact A*", "exact_A")):
+                              ("length", "length_control"), ("exact A*", "exact_A")):
             k, v = _best(d, prefix)
             if k is not None:
                 row.append(f"{label} {v:.3f} ({k})")
@@ -361,15 +374,21 @@ def _figure(path, per_adapter, ref, pol, sol, tree, beta, reference_rec, succ) -
     full = lambda lp: np.concatenate([lp, te.invalid_logprob(lp)[:, None]], axis=1)  # noqa: E731
     x = beta * (full(pol) - full(ref))
     y = np.concatenate([sol.advantage, -sol.v[:, None]], axis=1)
-    keep = (reach >= 1e-3)[:, None] & np.isfinite(x)
+    d = reach[:, None] * np.exp(full(pol))
+    mv = per_adapter[-1]["proposition1"]["min_visit"]
+    visited = (d >= mv) & np.isfinite(x)
+    other = (reach >= mv)[:, None] & ~visited & np.isfinite(x)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     ax = axes[0]
-    ax.scatter(y[keep], x[keep], s=10, alpha=0.6)
+    ax.scatter(y[other], x[other], s=8, color="0.7", label="other actions at reached histories")
+    ax.scatter(y[visited], x[visited], s=14, color="C0", label=f"visited: P(take a at h) >= {mv:g}")
+    ax.legend(fontsize=7, loc="lower right")
+    keep = visited | other
     lim = [min(y[keep].min(), x[keep].min()), max(y[keep].max(), x[keep].max())]
     ax.plot(lim, lim, "k--", lw=1)
     ax.set_xlabel("exact A*(h, a)")
     ax.set_ylabel("beta * log pi/pi_ref (token sum)")
-    ax.set_title(f"final adapter: Pearson {per_adapter[-1]['proposition1']['pearson']:.3f}")
+    ax.set_title(f"final adapter: Pearson {per_adapter[-1]['proposition1']['pearson']:.3f} (visited)")
     ax = axes[1]
     steps = [r["step"] for r in per_adapter]
     ax.plot(steps, [r["proposition1"]["pearson"] for r in per_adapter], "o-", label="Pearson (visited)")

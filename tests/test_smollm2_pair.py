@@ -123,8 +123,13 @@ def test_train_script_two_steps_writes_loadable_peft_adapters(tmp_path):
     sys.path.insert(0, str(ROOT / "experiments"))
     import train_smollm2_pair as T
 
-    T.main(["--steps", "2", "--batch", "4", "--horizon", "2", "--top-layers", "1", "--rank", "2",
-            "--save-at", "1", "--eval-every", "1", "--out", str(tmp_path)])
+    args = ["--steps", "2", "--batch", "4", "--horizon", "2", "--top-layers", "1", "--rank", "2", "--save-at", "1",
+            "--eval-every", "1"]
+    T.main(args + ["--out", str(tmp_path)])
+    T.main(args + ["--out", str(tmp_path / "again")])  # same seed: the same adapter, bit for bit
+    for name in ("step_0001", "final"):
+        a = (tmp_path / name / "adapter_model.safetensors").read_bytes()
+        assert a == (tmp_path / "again" / name / "adapter_model.safetensors").read_bytes(), name
     log = json.loads((tmp_path / "train_log.json").read_text())
     assert [r["step"] for r in log["history"]] == [1, 2]
     assert log["env"]["horizon"] == 2 and all("prop1" in r for r in log["history"])

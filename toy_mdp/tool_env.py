@@ -366,7 +366,8 @@ def prop1_agreement(tree: ToolTree, policy_logprobs: np.ndarray, ref_logprobs: n
     def stats(keep):
         x, y = score[keep], a_star[keep]
         err = np.abs(x - y)
-        return {"pearson": float(np.corrcoef(x, y)[0, 1]) if len(x) > 1 else float("nan"),
+        defined = len(x) > 1 and np.std(x) > 0 and np.std(y) > 0  # else undefined (e.g. the policy IS pi_ref)
+        return {"pearson": float(np.corrcoef(x, y)[0, 1]) if defined else float("nan"),
                 "mean_abs_error": float(err.mean()) if len(x) else float("nan"),
                 "max_abs_error": float(err.max()) if len(x) else float("nan"),
                 "history_actions": int(keep.sum())}
@@ -375,8 +376,8 @@ def prop1_agreement(tree: ToolTree, policy_logprobs: np.ndarray, ref_logprobs: n
     keep = finite & (d > 0)
     x, y, w = score[keep], a_star[keep], d[keep] / d[keep].sum()
     mx, my = np.sum(w * x), np.sum(w * y)
-    out["pearson_weighted"] = float(np.sum(w * (x - mx) * (y - my)) /
-                                    np.sqrt(np.sum(w * (x - mx) ** 2) * np.sum(w * (y - my) ** 2)))
+    den = np.sqrt(np.sum(w * (x - mx) ** 2) * np.sum(w * (y - my) ** 2))
+    out["pearson_weighted"] = float(np.sum(w * (x - mx) * (y - my)) / den) if den > 0 else float("nan")
     out["weighted_mean_abs_error"] = float(np.sum(w * np.abs(x - y)))
     out["all_actions"] = stats(finite & (reach >= min_visit)[:, None])
     out["min_visit"] = float(min_visit)
