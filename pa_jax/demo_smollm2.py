@@ -52,8 +52,8 @@ def adapter_dirs(pair_dir: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
         if not cfg_path.is_file():
             raise ValueError(f"--pair {pair_dir}: {d.name}/adapter_config.json is missing (expected PEFT adapters "
                              f"written by experiments/train_smollm2_pair.py)")
-        cfg = json.loads(cfg_path.read_text())
-        out.append((int(cfg.get("pa_jax", {}).get("step", -1)), d))
+        tr = d / "training.json"
+        out.append((int(json.loads(tr.read_text()).get("step", -1)) if tr.is_file() else -1, d))
     return out
 
 
@@ -279,7 +279,10 @@ def run_smollm2_demo(out_dir: str | os.PathLike, *, seed: int = 0, num_episodes:
     if run_cli:
         common = ["--policy", str(ads[-1][1]), "--policy-base", gguf, "--reference", gguf, "--rendering", "chat",
                   "--dtype", cli_dtype, "--cache", str(out / "cache"), "--token-agg", "all", "--step-agg", "all",
-                  "--beta", str(beta), "--no-progress"]
+                  "--beta", str(beta), "--no-progress",
+                  # ~190-token rollouts after a 135-token prompt: packed rows (5 rollouts per 1,024-token row) beat
+                  # one short row per batch against the shared prompt's KV; see also the closing note of issue 22
+                  "--no-share-prefix"]
         # uq reads the same best-of-N directory as bon: the same trajectories, so the models score them once
         _cli(["uq", *common, "--data", str(data_dir / "bon"),
               "--extra-scores", f"exact_A={data_dir / 'exact_advantage_bon.jsonl'}", "--out", str(out / "uq.json")])

@@ -134,7 +134,8 @@ def test_train_script_two_steps_writes_loadable_peft_adapters(tmp_path):
     assert [r["step"] for r in log["history"]] == [1, 2]
     assert log["env"]["horizon"] == 2 and all("prop1" in r for r in log["history"])
     cfg = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and cfg["layers_to_transform"] == [29]
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and cfg["layers_to_transform"] == [29] and "pa_jax" not in cfg
+    assert json.loads((tmp_path / "final" / "training.json").read_text())["step"] == 2
     assert (tmp_path / "step_0001" / "adapter_model.safetensors").is_file()
     from pa_jax.models import load
     from pa_jax.models.gguf import packaged_gguf_path

@@ -293,7 +293,8 @@ class SplitPolicy:
 # ---------------------------------------------------------------------------------------------- PEFT format
 def save_peft(path: str | os.PathLike, lora: dict, spec: LoraSpec, *, base_model: str = "",
               extra: dict | None = None) -> None:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT key names
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT key names; ``extra`` goes to
+    ``training.json`` beside them
     ``base_model.model.<module>.lora_A.weight`` ``[r, in]`` / ``lora_B.weight`` ``[out, r]``, float32)."""
     from safetensors.numpy import save
 
@@ -311,9 +312,9 @@ def save_peft(path: str | os.PathLike, lora: dict, spec: LoraSpec, *, base_model
            "target_modules": list(spec.targets), "layers_to_transform": list(range(spec.split, spec.num_layers)),
            "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
            "inference_mode": True}
-    if extra:
-        cfg["pa_jax"] = extra
     atomic_write_json(p / "adapter_config.json", cfg)
+    if extra:  # beside PEFT's file, not in it: PEFT warns about keys that LoraConfig does not know
+        atomic_write_json(p / "training.json", extra)
 
 
 def load_peft_arrays(path: str | os.PathLike) -> tuple[dict, dict]:
