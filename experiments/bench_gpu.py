@@ -10,7 +10,8 @@ models, the log-prob of every scored token and the top-20 log-prob mean at it (p
 entropy statistics of its fused head).
 
 * pa-jax: ``pa_jax.scoring.score_rendered`` (prefix computed once per model, rows in chunks writing K/V,
-  fused head at the scored positions only), default options and ``--chunk`` variants.
+  fused head at the scored positions only), in ``--variants`` (attention implementation: "cudnn", the
+  default on CUDA GPUs, or XLA's "dense"; attention chunk and other ScoringOptions).
 * PyTorch "careful": ``model.model`` (SDPA) runs the prefix once per model; its KV cache is repeated over a
   batch of ``--torch-batch`` rows; the LM head only at the scored positions, float32 log_softmax + top-k.
 
@@ -125,14 +126,57 @@ def jax_worker(a: dict) -> dict:
         t0 = time.perf_counter()
         res = score_rendered(rendered, pol, ref, options=opts)
         secs.append(time.perf_counter() - t0)
+    profile = None
+    if a.get("profile"):  # one more call under jax.profiler: where the device time goes
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            with jax.profiler.trace(d, create_perfetto_trace=True):
+                score_rendered(rendered, pol, ref, options=opts)
+            profile = summarize_trace(next(pathlib.Path(d).rglob("perfetto_trace.json.gz")),
+                                      time.perf_counter() - t0)
     dev = jax.devices()[0]
     stats = dev.memory_stats() or {}
     return {"side": "pa-jax", "options": a.get("options", {}), "first_call_s": first, "seconds": secs,
+            "profile": profile,
             "peak_device_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30, "device": dev.device_kind,
             "jax": jax.__version__, "batches": len(res.plan.batches), "prefix_tokens": res.plan.prefix_length,
             "policy_logprob_head": [float(x) for x in np.concatenate([s.policy_logprob for s in res.stats])[:4096]],
             "max_abs_log_ratio": float(max(np.nanmax(np.abs(s.policy_logprob - s.reference_logprob))
                                            for s in res.stats))}
+
+
+def summarize_trace(path: pathlib.Path, wall_s: float, top: int = 30) -> dict:
+    """Device kernels of a perfetto trace by total duration (summed over streams), the device's busy time
+    (the union of kernel intervals) against the call's wall time, and the host's top events."""
+    import collections
+    import gzip
+
+    ev = json.load(gzip.open(path))
+    ev = ev["traceEvents"] if isinstance(ev, dict) else ev
+    names = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device = {pid for pid, n in names.items() if "/device:" in n}
+    kernels, host = collections.Counter(), collections.Counter()
+    counts = collections.Counter()
+    intervals = []
+    for e in ev:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        if e["pid"] in device:
+            kernels[e["name"]] += e["dur"]
+            counts[e["name"]] += 1
+            intervals.append((e["ts"], e["ts"] + e["dur"]))
+        else:
+            host[e["name"]] += e["dur"]
+    busy, end = 0.0, -1e30
+    for s, t in sorted(intervals):
+        if t > end:
+            busy += t - max(s, end)
+            end = t
+    return {"wall_s": wall_s, "device_busy_s": busy / 1e6, "device_processes": sorted(names[p] for p in device),
+            "kernels_ms": [[n[:160], round(d / 1e3, 2), counts[n]] for n, d in kernels.most_common(top)],
+            "host_ms": [[n[:160], round(d / 1e3, 2)] for n, d in host.most_common(top)]}
 
 
 def torch_worker(a: dict) -> dict:
@@ -210,9 +254,12 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--torch-batch", type=int, default=4)
-    ap.add_argument("--variants", default='[{"attention_chunk": 512}, {"attention_chunk": 2048}]',
+    ap.add_argument("--variants", default='[{"attention_impl": "cudnn", "attention_chunk": 512}, '
+                    '{"attention_impl": "cudnn", "attention_chunk": 2048}, {"attention_impl": "dense", "attention_chunk": 512}]',
                     help="JSON list of pa-jax option sets (ScoringOptions fields, plus attention_impl)")
     ap.add_argument("--timeout", type=int, default=240, help="per worker")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one more call of the first pa-jax variant (device kernels by time, busy fraction)")
     ap.add_argument("--tiny", action="store_true", help="tiny config, short rows (CPU smoke test)")
     ap.add_argument("--models", default="/tmp/pa_jax_bench_gpu", help="where the random pair is written")
     ap.add_argument("--out", default=None)
@@ -234,8 +281,8 @@ def main() -> None:
     base = dict(cfg=cfg, paths=paths, rows=args.rows, length=args.length, prefix=args.prefix, repeats=args.repeats,
                 torch_batch=args.torch_batch)
     results = []
-    for variant in json.loads(args.variants):
-        results.append(run_worker("jax", dict(base, options=variant), args.timeout))
+    for i, variant in enumerate(json.loads(args.variants)):
+        results.append(run_worker("jax", dict(base, options=variant, profile=args.profile and i == 0), args.timeout))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "policy_logprob_head"}), flush=True)
     results.append(run_worker("torch", base, args.timeout))
     print(json.dumps({k: v for k, v in results[-1].items() if k != "policy_logprob_head"}), flush=True)

@@ -6,7 +6,8 @@
 # trajectories score the model once; an interrupted run resumes where it stopped).
 #   bash experiments/real_data_smollm2.sh          # subsets, 1,024-token tails, float32: ~20 min on 2 CPU cores
 #   bash experiments/real_data_smollm2.sh full     # all 200 airline trajectories at full length and all
-#                                                  # 184 Who&When items up to 16,384 tokens, bfloat16:
+#                                                  # 184 Who&When items up to the model's 8,192-token
+#                                                  # context, --dtype auto (recorded in each JSON):
 #                                                  # about 110 min on 2 CPU cores
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +27,7 @@ case "$MODE" in
     ;;
   full)
     OUT=${OUT:-results/real_full}; mkdir -p "$OUT"
-    C=(--policy "$G" --reference "$G" --cache "$OUT/cache" --dtype bfloat16 --no-progress)
+    C=(--policy "$G" --reference "$G" --cache "$OUT/cache" --dtype auto --no-progress)
     AIR=(--data "$DATA/tau_bench_v1/gpt-4o-airline.json" --token-agg all --step-agg all --heldout-folds 5)
     .venv/bin/pa-jax fa "${C[@]}" --data "$DATA/who_and_when/Hand-Crafted" --token-agg all --step-agg mean --out "$OUT/fa_hand_crafted.json"
     .venv/bin/pa-jax fa "${C[@]}" --data "$DATA/who_and_when/Algorithm-Generated" --token-agg all --step-agg mean --out "$OUT/fa_algorithm_generated.json"

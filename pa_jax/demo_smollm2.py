@@ -409,9 +409,7 @@ def _figure(path, per_adapter, ref, pol, sol, tree, beta, reference_rec, succ) -
     ax.set_title("RL worked")
     fig.suptitle("SmolLM2-135M-Instruct + LoRA, KL-regularized RL on toy_mdp.tool_env")
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    try:
+        atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)

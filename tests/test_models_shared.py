@@ -152,8 +152,38 @@ def test_detection_stops_at_the_first_difference(pair, monkeypatch):
     monkeypatch.setattr(shared, "tensor_digest", lambda x: hashed.append(np.shape(x)) or real(x))
     c = Decoder(cfg, rngs=nnx.Rngs(1), dtype="float32")  # another init: embeddings differ
     assert shared.shared_trunk(a, c) == (0, "embeddings differ")
-    assert hashed == [tuple(a.embed_tokens.weight[...].shape)] * 2
+    assert hashed == []  # their strided samples differ: nothing hashed
+    # a difference the sample does not see (one element off the stride) is found by the full digests
+    monkeypatch.setattr(shared, "SAMPLE_ELEMENTS", 16)
+    d = Decoder(cfg, rngs=nnx.Rngs(0), dtype="float32")
+    nnx.update(d, nnx.state(a))
+    w = np.asarray(a.embed_tokens.weight[...]).copy()
+    w.reshape(-1)[1] += 1.0
+    d.embed_tokens.weight[...] = jnp.asarray(w)
+    assert shared.tensor_sample(d.embed_tokens.weight[...]) == shared.tensor_sample(a.embed_tokens.weight[...])
+    assert shared.shared_trunk(a, d) == (0, "embeddings differ")
+    assert hashed[-2:] == [tuple(a.embed_tokens.weight[...].shape)] * 2
     hashed.clear()
     assert shared.shared_trunk(a, b) == (K, f"layer {K} differs")
     per_layer = len(nnx.to_flat_state(nnx.state(a.layers[0], nnx.Param)))
     assert len(hashed) <= 2 * (1 + K * per_layer + per_layer)  # embeddings, layers < K, at most all of layer K
+
+
+def test_digests_are_remembered_per_array():
+    """A jax array's digest is computed once while it lives (a scorer called again on the same pair does not
+    hash the weights again); numpy arrays (mutable) are hashed every time."""
+    import gc
+
+    from pa_jax.models import shared
+
+    x = jnp.arange(12.0).reshape(3, 4)
+    d = shared.tensor_digest(x)
+    assert shared._DIGESTS[id(x)][1] == d
+    assert shared.tensor_digest(x) == d == shared.tensor_digest(np.asarray(x))
+    key = id(x)
+    del x
+    gc.collect()
+    assert key not in shared._DIGESTS
+    y = np.zeros(3)
+    shared.tensor_digest(y)
+    assert id(y) not in shared._DIGESTS

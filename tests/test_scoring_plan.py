@@ -149,3 +149,30 @@ def test_plan_is_deterministic_and_packs_short_rows():
     # models that cannot pack (Gated DeltaNet) get one trajectory per row and no prefix
     c = make_plan(rendered, opts, can_pack=False, can_share_prefix=False)
     assert c.prefix_length == 0 and all(len(row) == 1 for bt in c.batches for row in bt.rows)
+
+
+def test_graph_token_hashes_each_graphdef_object_once():
+    """Program keys use a token per graphdef: equal graphdefs share one (and so their compiled programs),
+    and an object already seen is found by its id, without hashing the module tree again."""
+    from pa_jax.scoring.programs import Engine
+
+    class Graph:  # stands for an nnx GraphDef: hashable, equal by content, costly to hash
+        hashes = 0
+
+        def __init__(self, name):
+            self.name = name
+
+        def __hash__(self):
+            Graph.hashes += 1
+            return hash(self.name)
+
+        def __eq__(self, other):
+            return isinstance(other, Graph) and other.name == self.name
+
+    eng = Engine()
+    a, a2, b = Graph("llama"), Graph("llama"), Graph("qwen")
+    ta = eng.graph_token(a)
+    assert Graph.hashes == 1
+    assert all(eng.graph_token(a) == ta for _ in range(100)) and Graph.hashes == 1
+    assert eng.graph_token(a2) == ta and eng.graph_token(b) != ta
+    assert Graph.hashes == 3

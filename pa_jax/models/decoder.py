@@ -75,18 +75,33 @@ def _rope_tables(rope: RopeConfig, head_dim: int) -> tuple[np.ndarray, float]:
     return L.rope_inv_freq(rope, head_dim)
 
 
-ATTENTION_IMPLS = ("auto", "dense", "blocked")
+ATTENTION_IMPLS = ("auto", "dense", "blocked", "cudnn")
+
+
+def _cuda_backend() -> bool:
+    if jax.default_backend() != "gpu":
+        return False
+    return "cuda" in str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
 
 
 def resolve_attention_impl(impl: str) -> str:
-    """"dense": one masked softmax over [B, heads, T, P + T] (``jax.nn.dot_product_attention``: cuDNN on GPU
-    where it applies, XLA otherwise). "blocked": :func:`pa_jax.models.layers.blocked_attention`, flash-style
-    with causal block skipping, for backends without a fused kernel. "auto": blocked on CPU, dense elsewhere.
-    Compare them with ``experiments/bench_forward.py --batch 1 --seq 4096 --impls dense blocked``."""
+    """"dense": one masked softmax over [B, heads, T, P + T] by XLA (``jax.nn.dot_product_attention``,
+    which materializes the scores). "cudnn": the same call with ``implementation="cudnn"``, cuDNN's fused
+    flash kernel with the mask passed as an additive bias [B, 1, T, P + T] (NVIDIA GPUs; layers it cannot
+    take, a soft-cap, float32, a head dim over 128 or not a multiple of 8, use "dense", see
+    :func:`pa_jax.models.layers.attention`). "blocked": :func:`pa_jax.models.layers.blocked_attention`,
+    flash-style with causal block skipping, for backends without a fused kernel. "auto": blocked on CPU,
+    cudnn on CUDA GPUs, dense elsewhere (TPU, ROCm). Compare them with
+    ``experiments/bench_forward.py --batch 1 --seq 4096 --impls dense blocked`` (CPU) or
+    ``experiments/bench_gpu.py`` (GPU)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "blocked" if jax.default_backend() == "cpu" else "dense"
+        if jax.default_backend() == "cpu":
+            return "blocked"
+        return "cudnn" if _cuda_backend() else "dense"
+    if impl == "cudnn" and not _cuda_backend():
+        raise ValueError(f"attention_impl 'cudnn' needs an NVIDIA GPU backend; this one is {jax.default_backend()!r}")
     return impl
 
 
@@ -155,6 +170,7 @@ class LayerContext(NamedTuple):
     cache_k: Array | None = None  # in-place buffer mode: this layer's [B, S, K, hd] key / value buffers,
     cache_v: Array | None = None  # the chunk's keys / values are written at cache_index before attending
     cache_index: Array | None = None
+    attention_impl: str = "dense"  # "dense" / "cudnn" (with a dense mask) or "blocked" (with a MaskSpec)
 
 
 class Attention(nnx.Module):
@@ -228,7 +244,8 @@ class Attention(nnx.Module):
         if isinstance(ctx.mask, L.MaskSpec):
             out = L.blocked_attention(q, k, v, ctx.mask, scale=c.attention_scale, softcap=c.attn_logit_softcap)
         else:
-            out = L.attention(q, k, v, ctx.mask, scale=c.attention_scale, softcap=c.attn_logit_softcap)
+            out = L.attention(q, k, v, ctx.mask, scale=c.attention_scale, softcap=c.attn_logit_softcap,
+                              implementation="cudnn" if ctx.attention_impl == "cudnn" else None)
         out = out.reshape(b, t, c.num_heads * hd)
         if gate is not None:
             out = out * jax.nn.sigmoid(gate)
@@ -493,6 +510,7 @@ class Decoder(nnx.Module):
                 cache_k=None if cache is None else cache.keys[j],
                 cache_v=None if cache is None else cache.values[j],
                 cache_index=cache_index,
+                attention_impl=impl,
             )
             x, (k, v) = layer(x, ctx)
             if i in sources:

@@ -48,10 +48,12 @@ def auto_dtype(platform: str, cpu_info: Mapping) -> tuple[str, str]:
     Rule, from scoring the 10-trajectory airline workload (SmolLM2-135M pair, bench_scoring.py):
 
     * GPU / TPU (``platform`` "gpu", "cuda", "rocm", "tpu"): bfloat16 (the matrix units' native input type).
-    * CPU, vendor AuthenticAMD: bfloat16. AMD EPYC (family 25, 2-core KVM guest, recorded as Zen 4): bf16 288
-      tokens/s vs f32 191. Also on an AMD EPYC guest that shows no avx512 flag at all (2 cores, loaded machine):
-      bench_forward.py B=2 T=256 bf16 198 vs f32 152 tokens/s, although XLA's bf16 matmuls alone ran at
-      0.6-0.7x its f32 ones there (bench_matmul.py): the halved memory traffic wins on these guests.
+    * CPU, vendor AuthenticAMD with ``avx512_bf16`` (Zen 4): bfloat16. AMD EPYC (family 25, 2-core KVM guest):
+      bf16 288 tokens/s vs f32 191.
+    * CPU, AuthenticAMD without ``avx512_bf16`` (an EPYC guest that shows AVX2 and FMA, no AVX-512 flag):
+      float32. Scoring one SmolLM2-135M row there (2,048 tokens): f32 317 tokens/s vs bf16 174 (no native
+      bf16 dot: XLA converts); on short rows (bench_forward.py B=2 T=256) bf16 had led 198 vs 152, but the
+      scorer's long rows are what a run spends its time on.
     * CPU, vendor GenuineIntel with ``amx_bf16``: bfloat16 (AMX tiles take bf16 natively; not yet measured
       here, the one untested branch of the rule).
     * CPU, GenuineIntel otherwise: float32. Intel Xeon, 2 cores, with avx512_bf16 but no AMX: bf16 155
@@ -66,7 +68,10 @@ def auto_dtype(platform: str, cpu_info: Mapping) -> tuple[str, str]:
     vendor = str(cpu_info.get("vendor", ""))
     flags = cpu_info.get("flags", frozenset())
     if vendor == "AuthenticAMD":
-        return "bfloat16", "cpu AuthenticAMD: bfloat16 (Zen 4 measured bf16 288 vs f32 191 tokens/s)"
+        if "avx512_bf16" in flags:
+            return "bfloat16", "cpu AuthenticAMD with avx512_bf16: bfloat16 (Zen 4 measured bf16 288 vs f32 191 tokens/s)"
+        return "float32", ("cpu AuthenticAMD without avx512_bf16: float32 (EPYC AVX2 guest measured f32 317 vs "
+                           "bf16 174 tokens/s on 2,048-token rows)")
     if vendor == "GenuineIntel":
         if "amx_bf16" in flags:
             return "bfloat16", "cpu GenuineIntel with amx_bf16: bfloat16 (AMX; not measured here)"

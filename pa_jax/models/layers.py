@@ -212,16 +212,32 @@ class MaskSpec(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------- attention
+def cudnn_attention_applies(q: Array, softcap: float | None) -> bool:
+    """Whether cuDNN's fused attention takes this layer: no soft-cap, bf16/fp16, head dim <= 128 and a
+    multiple of 8 (the limits of ``jax.nn.dot_product_attention(implementation="cudnn")`` on pre-Hopper
+    GPUs; Hopper allows 256, kept at 128 to be safe everywhere)."""
+    hd = q.shape[-1]
+    return softcap is None and q.dtype in (jnp.bfloat16, jnp.float16) and hd <= 128 and hd % 8 == 0
+
+
 def attention(
-    q: Array, k: Array, v: Array, mask: Array, *, scale: float, softcap: float | None = None
+    q: Array, k: Array, v: Array, mask: Array, *, scale: float, softcap: float | None = None,
+    implementation: str | None = None,
 ) -> Array:
     """softmax(scale * q k^T [soft-capped] + mask) v with grouped-query heads.
 
     q [B, T, N, hd], k/v [B, S, K, hd] (N a multiple of K), mask [B, 1, T, S] bool -> [B, T, N, hd].
-    Without a soft-cap: ``jax.nn.dot_product_attention`` (cuDNN where available, XLA otherwise). With one
-    (gemma): logits s = cap * tanh(scale q.k / cap), softmax in float32, as transformers' eager attention.
+    Without a soft-cap: ``jax.nn.dot_product_attention``, by XLA (``implementation=None``) or, with
+    ``implementation="cudnn"`` where :func:`cudnn_attention_applies`, by cuDNN's fused kernel (the boolean
+    mask becomes an additive bias; other layers fall back to XLA). With a soft-cap (gemma):
+    logits s = cap * tanh(scale q.k / cap), softmax in float32, as transformers' eager attention.
     """
+    if implementation not in (None, "cudnn"):
+        raise ValueError(f"implementation must be None or 'cudnn', got {implementation!r}")
     if softcap is None:
+        if implementation == "cudnn" and cudnn_attention_applies(q, softcap):
+            return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=scale,
+                                                implementation="cudnn")
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
     b, t, n, hd = q.shape
     kh = k.shape[2]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import weakref
 from typing import Mapping, NamedTuple
 
 import numpy as np
@@ -26,14 +27,45 @@ class SharedTrunk(NamedTuple):
     reason: str
 
 
+_DIGESTS: dict[int, tuple[weakref.ref, str]] = {}  # id(jax array) -> (weak reference, digest)
+
+
 def tensor_digest(a) -> str:
     """BLAKE2b-128 of a tensor's dtype, shape and bytes (C order): equal digests <=> bit-identical tensors
-    (up to hash collisions)."""
+    (up to hash collisions). A jax.Array's digest is remembered while the array lives (jax arrays are
+    immutable; hashing a 1B model's embeddings takes about a second, and a scorer called again on the same
+    pair would pay it on every call)."""
+    import jax
+
+    cacheable = isinstance(a, jax.Array)
+    if cacheable:
+        hit = _DIGESTS.get(id(a))
+        if hit is not None and hit[0]() is a:
+            return hit[1]
     arr = np.ascontiguousarray(np.asarray(a))
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{arr.dtype.str}{arr.shape}".encode())
     h.update(arr.view(np.uint8).reshape(-1).data if arr.size else b"")
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if cacheable:
+        key = id(a)
+        try:
+            _DIGESTS[key] = (weakref.ref(a, lambda _, k=key: _DIGESTS.pop(k, None)), digest)
+        except TypeError:  # not weakly referenceable: not remembered
+            pass
+    return digest
+
+
+SAMPLE_ELEMENTS = 4096
+
+
+def tensor_sample(a, n: int | None = None) -> bytes:
+    """Dtype, shape and ``n`` evenly strided elements of a tensor (taken where it lives: only the sample is
+    copied to the host): different samples => different tensors, a cheap test before :func:`tensor_digest`."""
+    n = SAMPLE_ELEMENTS if n is None else n
+    flat = a.reshape(-1)
+    step = max(1, flat.shape[0] // n)
+    return f"{a.dtype}{tuple(a.shape)}".encode() + np.asarray(flat[::step][:n]).tobytes()
 
 
 def param_digests(model) -> dict[str, str]:
@@ -149,7 +181,10 @@ def shared_trunk(model_a, model_b) -> SharedTrunk:
         if not a or a.keys() != b.keys():
             return False
         value = lambda v: v[...] if hasattr(v, "__getitem__") else v.value  # noqa: E731
-        return all(tensor_digest(value(a[n])) == tensor_digest(value(b[n])) for n in a)
+        pairs = [(value(a[n]), value(b[n])) for n in a]
+        if any(x is not y and tensor_sample(x) != tensor_sample(y) for x, y in pairs):
+            return False  # differing samples: no need to hash the whole tensors
+        return all(x is y or tensor_digest(x) == tensor_digest(y) for x, y in pairs)
 
     if not same("embed"):
         return SharedTrunk(0, "embeddings differ")

@@ -121,6 +121,23 @@ class Engine:
         self._lock = threading.Lock()  # the memo and the pool (the model threads ask for the same programs)
         self._dispatch_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._graphdefs: dict = {}  # graphdef -> token (equal graphdefs, one token: one hash per new object)
+        self._graphdef_ids: dict[int, tuple[Any, int]] = {}  # id(graphdef) -> (graphdef, token)
+
+    def graph_token(self, graphdef) -> int:
+        """A small int standing for ``graphdef`` in program keys, the same for equal graphdefs (a policy and
+        a reference of one architecture share compiled programs). Hashing an nnx GraphDef walks the whole
+        module tree (about 2 ms for a 16-layer model), and a long row asks for its programs once per chunk:
+        the object is hashed once, then found by its id (the object is kept, so its id is not reused)."""
+        hit = self._graphdef_ids.get(id(graphdef))
+        if hit is not None and hit[0] is graphdef:
+            return hit[1]
+        with self._lock:
+            token = self._graphdefs.setdefault(graphdef, len(self._graphdefs))
+            if len(self._graphdef_ids) >= 256:  # graphdef objects of earlier calls: let them go
+                self._graphdef_ids.clear()
+            self._graphdef_ids[id(graphdef)] = (graphdef, token)
+            return token
 
     def __enter__(self) -> "Engine":
         return self
@@ -183,14 +200,16 @@ class Engine:
             return nnx.merge(graphdef, state)(ids, mask, cache=cache, cache_index=index, layer_range=layers,
                                               hidden_states=hidden)
 
-        key = ("step", graphdef) if layers is None else ("step", graphdef, layers)
+        g = self.graph_token(graphdef)
+        key = ("step", g) if layers is None else ("step", g, layers)
         return self.memo(key, lambda: jax.jit(step, donate_argnames=("cache",)))
 
     def empty_buffer(self, graphdef, state, rows: int, length: int, prefix=None, prefix_len: int = 0,
                      layers: tuple[int, int] | None = None):
         """An all-invalid KV buffer [rows, length] for the model (its layers [a, b) only with ``layers``),
         holding ``prefix[:, :prefix_len]`` in front."""
-        full = self.memo(("kv_shapes", graphdef), lambda: jax.eval_shape(
+        g = self.graph_token(graphdef)
+        full = self.memo(("kv_shapes", g), lambda: jax.eval_shape(
             lambda s: nnx.merge(graphdef, s)(jnp.zeros((1, 1), jnp.int32), return_kv=True)[1], state))
         a, b = (0, len(full.keys)) if layers is None else layers
         shapes = full._replace(keys=full.keys[a:b], values=full.values[a:b])
@@ -202,7 +221,7 @@ class Engine:
             put = lambda z, a: z.at[:, :prefix_len].set(jnp.broadcast_to(a[:, :prefix_len], (rows, prefix_len) + a.shape[2:]))  # noqa: E731
             return jax.tree.map(put, buf, pre)
 
-        return self.dispatch(self.memo(("buffer", graphdef, rows, length, prefix_len, prefix is None, (a, b)),
+        return self.dispatch(self.memo(("buffer", g, rows, length, prefix_len, prefix is None, (a, b)),
                                        lambda: jax.jit(make)), prefix)
 
     def run_chunks(self, graphdef, state, ids: np.ndarray, mask: np.ndarray, cache, *, chunk: int, start: int,
@@ -305,7 +324,8 @@ class Engine:
             return nnx.merge(graphdef, state)(ids, mask, segment_ids=seg if use_seg else None, layer_range=layers,
                                               hidden_states=hidden)
 
-        key = ("full", graphdef, use_seg) if layers is None else ("full", graphdef, use_seg, layers)
+        g = self.graph_token(graphdef)
+        key = ("full", g, use_seg) if layers is None else ("full", g, use_seg, layers)
         return self.memo(key, lambda: jax.jit(fwd))
 
     # ----------------------------------------------------------------------------------- shared trunk
