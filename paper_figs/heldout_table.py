@@ -101,7 +101,11 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=None, help="Who&When data (fa files)")
     ap.add_argument("--json", default=None, help="also write the selection as JSON (pa_jax.io, strict)")
     a = ap.parse_args(argv)
-    panels = selection(read_json(a.results), a.results, folds=a.folds, seed=a.seed, resamples=a.resamples, data=a.data)
+    try:
+        panels = selection(read_json(a.results), a.results, folds=a.folds, seed=a.seed, resamples=a.resamples,
+                           data=a.data)
+    except ValueError as exc:  # bad input: one line naming the file, exit status 2
+        ap.error(str(exc))
     print(markdown(panels))
     if a.json:
         from pa_jax.io import atomic_write_json
