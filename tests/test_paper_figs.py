@@ -184,5 +184,8 @@ def test_heldout_table_from_uq_results(tmp_path, capsys):
         vals.append(roc_auc_score(y[te], np.array(sc[best])[te]))
     assert got["heldout"]["value"] == pytest.approx(np.mean(vals))
     assert got["default"]["candidate"] == "pa/mean/mean"
-    with pytest.raises(ValueError, match="needs --data"):
+    with pytest.raises(SystemExit) as exc:  # bad input: one line naming the file, exit status 2
         tab.main([str(_fa(tmp_path)), "--folds", "2"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "fa.json: an fa results file needs --data" in err and "Traceback" not in err
