@@ -8,7 +8,7 @@
 #   bash experiments/real_data_smollm2.sh full     # all 200 airline trajectories at full length and all
 #                                                  # 184 Who&When items up to the model's 8,192-token
 #                                                  # context, --dtype auto (recorded in each JSON):
-#                                                  # about 110 min on 2 CPU cores
+#                                                  # about 2.5 h on 2 CPU cores (AMD EPYC, float32)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
