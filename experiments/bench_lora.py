@@ -1,9 +1,16 @@
-"""LoRA adapter on SmolLM2-135M-Instruct (GGUF base): merged at load time vs applied as a low-rank delta.
+"""LoRA adapter on SmolLM2-135M-Instruct (GGUF base): merged at load time vs applied unmerged, and a pair whose
+reference is the adapter's base.
 
-merged: ``pa_jax.models.load(adapter_dir, base=gguf)`` -- the base is loaded, the adapter checked and merged
-    weight by weight (W + s * B @ A, float32 sum); the forward is the plain model's.
-delta:  the base loaded as is, the adapter read (``read_peft_adapter``), and ``apply_lora`` inside the jitted
-    forward (W' recomputed on every call; what a LoRA training loss does).
+One model:
+  merged: ``pa_jax.models.load(adapter_dir, base=gguf)`` -- the base is loaded, the adapter checked and merged
+      weight by weight (W + s * B @ A, float32 sum); the forward is the plain model's.
+  delta:  the base loaded, the adapter attached unmerged (``lora.attach_adapter(..., lora_mode="delta")``): the
+      attention / MLP projections compute x W^T + s (x A^T) B^T; no W' exists.
+A pair (the reference = the adapter's base, then the policy; the forward timed is the policy's):
+  pair_separate:     the policy loaded on its own (the base read a second time) and merged;
+  pair_shared_merge: the policy over the reference's arrays (``base_model=``), adapted weights merged (new arrays);
+  pair_shared_delta: the policy over the reference's arrays, the adapter unmerged (only A and B are new).
+The CLI does the shared forms when ``--policy ADAPTER`` has ``--reference`` as its base (``--lora-mode``).
 
 Each (adapter, mode) runs in its own subprocess so that its peak resident memory (ru_maxrss) is its own.
 Printed and written (--out, atomic JSON): base load seconds, adapter seconds (read + check, and the merge
@@ -50,6 +57,9 @@ def make_adapter(kind: str, out: pathlib.Path) -> None:
     lora.write_peft_adapter(out, lp, cfg, lora_alpha=16, base_model_name_or_path=str(smollm2_gguf()))
 
 
+PAIR_MODES = ("pair_separate", "pair_shared_merge", "pair_shared_delta")
+
+
 def worker(mode: str, adapter: str, batch: int, length: int, dtype: str, reps: int) -> dict:
     import jax
     import jax.numpy as jnp
@@ -66,44 +76,50 @@ def worker(mode: str, adapter: str, batch: int, length: int, dtype: str, reps: i
     jax.block_until_ready(nnx.state(model))
     base_load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    lp, scaling = {}, 1.0
-    if mode != "base":  # read + check the adapter (both modes); merged: W + s*B@A per weight, as models.load does
+    n_lora = None
+    if mode == "pair_separate":  # the reference above, and the policy loaded on its own (base read again), merged
+        _, model = models.load(adapter, base=smollm2_gguf(), dtype=dtype)
+    elif mode in ("pair_shared_merge", "pair_shared_delta"):  # the policy over the reference's own arrays
+        _, model = models.load(adapter, dtype=dtype, base_model=(cfg, model),
+                               lora_mode="merge" if mode == "pair_shared_merge" else "delta")
+    elif mode != "base":  # read + check the adapter; merged: W + s*B@A per weight; delta: attached unmerged
         ad = lora.read_peft_adapter(adapter, cfg)
+        n_lora = sum(int(np.prod(v.shape)) for d in ad.params.values() for v in d.values())
         if mode == "merged":
             lora.merge_adapter(model, ad, donate=True)
         else:
-            lp, scaling = jax.tree.map(jnp.asarray, ad.params), ad.scaling
+            lora.attach_adapter(model, ad, lora_mode="delta")
     graphdef, state = nnx.split(model)
-    jax.block_until_ready((state, lp))
+    jax.block_until_ready(state)
     adapter_s = time.perf_counter() - t0
 
     @jax.jit
-    def fwd(state, lp, ids, mask):  # final hidden states of every position (nothing for XLA to drop)
-        st = lora.apply_lora(state, lp, scaling) if lp else state
-        return nnx.merge(graphdef, st)(ids, mask).astype(jnp.float32).sum()
+    def fwd(state, ids, mask):  # the (policy) model's final hidden states of every position
+        return nnx.merge(graphdef, state)(ids, mask).astype(jnp.float32).sum()
 
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, length)), jnp.int32)
     mask = jnp.ones_like(ids)
     t0 = time.perf_counter()
-    jax.block_until_ready(fwd(state, lp, ids, mask))
+    jax.block_until_ready(fwd(state, ids, mask))
     first_s = time.perf_counter() - t0
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(fwd(state, lp, ids, mask))
+        jax.block_until_ready(fwd(state, ids, mask))
         times.append(time.perf_counter() - t0)
-    n_lora = sum(int(np.prod(v.shape)) for d in lp.values() for v in d.values()) if lp else None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before the merged copy below
     speed = {}
-    if mode == "delta":  # forward speed, same process, alternating: merged state vs apply_lora in the forward
-        merged = jax.jit(lambda st, lp: lora.apply_lora(st, lp, scaling))(state, lp)
-        jax.block_until_ready(fwd(merged, {}, ids, mask))
+    if mode == "delta":  # forward speed, same process, alternating: a merged copy vs the unmerged delta
+        _, mm = models.load(adapter, base=smollm2_gguf(), dtype=dtype)
+        gm, sm = nnx.split(mm)
+        fm = jax.jit(lambda st, ids, mask: nnx.merge(gm, st)(ids, mask).astype(jnp.float32).sum())
+        jax.block_until_ready(fm(sm, ids, mask))
         tm, td = [], []
         for _ in range(reps):
-            for arr, st, l in ((tm, merged, {}), (td, state, lp)):
+            for arr, f, st in ((tm, fm, sm), (td, fwd, state)):
                 t0 = time.perf_counter()
-                jax.block_until_ready(fwd(st, l, ids, mask))
+                jax.block_until_ready(f(st, ids, mask))
                 arr.append(time.perf_counter() - t0)
         speed = {"alternating_forward_s_merged": statistics.median(tm), "alternating_forward_s_delta": statistics.median(td),
                  "delta_over_merged": statistics.median(td) / statistics.median(tm)}
@@ -130,13 +146,13 @@ def main() -> None:
             ad = pathlib.Path(tmp) / kind
             make_adapter(kind, ad)
             size = sum(f.stat().st_size for f in ad.iterdir())
-            for mode in ("base", "merged", "delta") if kind == "all" else ("merged", "delta"):
+            for mode in ("base", "merged", "delta", *PAIR_MODES) if kind == "all" else ("merged", "delta", *PAIR_MODES):
                 cmd = [sys.executable, __file__, "--_worker", mode, str(ad), "--batch", str(a.batch), "--length",
                        str(a.length), "--dtype", a.dtype, "--reps", str(a.reps)]
                 res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
                 res.update(adapter=kind if mode != "base" else None, adapter_bytes=size if mode != "base" else None)
                 rows.append(res)
-                msg = (f"{res['adapter'] or '-':5s} {mode:7s} base load {res['base_load_s']:6.2f} s  adapter "
+                msg = (f"{res['adapter'] or '-':5s} {mode:17s} base load {res['base_load_s']:6.2f} s  adapter "
                        f"{res['adapter_s']:5.2f} s  first fwd {res['first_forward_s']:6.2f} s  fwd {res['forward_s_median']:.3f} s  "
                        f"peak RSS {res['peak_rss_gib']:.2f} GiB")
                 if "delta_over_merged" in res:

@@ -369,3 +369,81 @@ def test_cli_policy_adapter_on_base(tmp_path, capsys, monkeypatch):
     bad = _copy_adapter(tmp_path / "adapter", tmp_path / "bad", config={"r": 3})
     fails(["uq", "--policy", str(bad), "--policy-base", str(tmp_path / "policy")] + common,
           r"--policy .*bad.*lora_A\.weight.*r=3")
+
+
+def _flat_params(model) -> dict:
+    return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_unmerged_delta_mode_matches_peft_and_shares_the_base(case, pairs):
+    """lora_mode="delta": the attention / MLP projections run x W^T + s (x A^T) B^T with W the base's own array
+    (nothing merged; an adapted lm_head is merged, as the decoder reads its weight directly); logits equal
+    peft's merged model within 1e-4 (float32). Loaded over an already loaded base (base_model=), every tensor
+    the adapter leaves alone is the base's very array, and the base itself is unchanged. (Identity is checked
+    before any forward: nnx.jit writes a module's state back as new array objects.)"""
+    base, adapter, merged = pairs(case)
+    ids, mask = padded_batch()
+    ref = hf_logits(merged, ids, mask)
+    cfg, plain = models.load(base, dtype="float32")
+    flat_b = _flat_params(plain)
+    _, model = models.load(adapter, base=base, dtype="float32", lora_mode="delta", base_model=(cfg, plain))
+    _, merged_model = models.load(adapter, base=base, dtype="float32", base_model=(cfg, plain))
+    flat_p, flat_m = _flat_params(model), _flat_params(merged_model)
+    ad = lora.read_peft_adapter(adapter, cfg)
+    delta = [p for p in ad.params if p.rsplit(".", 2)[-2] in lora.DELTA_MODULES]
+    assert delta
+    for p in delta:  # unmerged: the base weight itself plus the two factors
+        assert flat_p[p] is flat_b[p]
+        np.testing.assert_array_equal(np.asarray(flat_p[p[: -len("weight")] + "lora_a"]), ad.params[p]["A"])
+        np.testing.assert_array_equal(np.asarray(flat_p[p[: -len("weight")] + "lora_b"]), ad.params[p]["B"])
+    for p, v in flat_b.items():
+        if p not in ad.params:
+            assert flat_p[p] is v and flat_m[p] is v, p  # shared, not copied, in both modes
+        elif p not in delta:
+            assert flat_p[p] is not v  # merged: a new array (lm_head in the llama case)
+    assert all(flat_m[p] is not flat_b[p] for p in ad.params)
+    before = {p: np.asarray(v).copy() for p, v in flat_b.items()}
+    assert _max_err(ref, pa_logits(cfg, model, ids, mask), mask) < TOL
+    assert _max_err(ref, pa_logits(cfg, merged_model, ids, mask), mask) < TOL
+    for p, v in _flat_params(plain).items():  # the base is untouched by either
+        np.testing.assert_array_equal(np.asarray(v), before[p])
+
+
+def test_lora_mode_refused():
+    with pytest.raises(ValueError, match="lora_mode must be one of"):
+        lora.load_with_adapter("x", lora_mode="unmerged")
+
+
+def test_cli_adapter_over_the_reference_loads_the_base_once(tmp_path, capsys, monkeypatch):
+    """`--policy ADAPTER --reference BASE` where BASE is the adapter's base: the base is loaded once and shared;
+    with --lora-mode merge and delta the progress advantage equals the PyTorch oracle (peft's merged model against
+    the base); the results record the mode and the sharing. --lora-mode delta on a non-adapter policy exits 2."""
+    from helpers import cli_fails, cli_ok, oracle_pa, save_policy_reference, tau_sim
+
+    tok, _ = save_policy_reference(tmp_path)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "reference").eval()
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj", "down_proj"],
+                                                   layers_to_transform=[1]))
+    _randomize_lora(pm, seed=7, scale=0.5)
+    pm.save_pretrained(tmp_path / "adapter")
+    merged = pm.merge_and_unload().eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "reference").eval()
+    data = tmp_path / "sims.json"
+    data.write_text(json.dumps({"simulations": [tau_sim(i, f"t{i // 2}", float(i % 2)) for i in range(4)]}))
+    oracle = oracle_pa({"policy": merged, "reference": reference}, tok, data)
+    assert np.abs(oracle).max() > 1e-2  # the adapter changes the scores
+    for mode in ("merge", "delta"):
+        out = tmp_path / f"uq_{mode}.json"
+        cli_ok(["uq", "--policy", str(tmp_path / "adapter"), "--reference", str(tmp_path / "reference"),
+                "--data", str(data), "--dtype", "float32", "--bootstrap", "10", "--lora-mode", mode,
+                "--out", str(out), "--no-progress"])
+        res = json.loads(out.read_text())
+        pa = np.array(res["scores"]["progress_advantage/mean/mean"])
+        np.testing.assert_allclose(pa, oracle, atol=2e-4)
+        assert res["timing"]["lora_mode"] == mode and res["timing"]["policy_shares_reference_base"] is True
+        assert res["timing"]["shared_trunk_layers"] == 1  # layer 0 below the adapter runs once
+    monkeypatch.delenv("PA_JAX_TRACEBACK", raising=False)
+    cli_fails(capsys, ["uq", "--policy", str(tmp_path / "policy"), "--reference", str(tmp_path / "reference"),
+                       "--data", str(data), "--lora-mode", "delta", "--no-progress"],
+              "--lora-mode delta: --policy .* is not a PEFT LoRA adapter directory")

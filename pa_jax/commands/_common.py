@@ -46,6 +46,11 @@ def add_common_arguments(p: argparse.ArgumentParser, *, token_agg: str = "mean",
     p.add_argument("--policy-base", default=None,
                    help="base checkpoint (HF directory or .gguf) of a --policy given as a PEFT LoRA adapter directory; "
                         "default: the adapter's base_model_name_or_path when that is a local path")
+    p.add_argument("--lora-mode", choices=("merge", "delta"), default="merge",
+                   help="a --policy LoRA adapter: merge it into the base weights (default; the fastest forward) or "
+                        "apply it unmerged on the attention/MLP projections, x W^T + s (x A^T) B^T (delta: no merged "
+                        "copy of the adapted weights). When its base is the --reference checkpoint, the base is "
+                        "loaded once and the policy holds the reference's arrays for every tensor not merged")
     p.add_argument("--reference", required=need_reference, default=None,
                    help="reference checkpoint (same tokenizer); omit for policy-only baselines")
     p.add_argument("--data", required=True, help="trajectory file or directory (format auto-detected)")
@@ -129,15 +134,20 @@ def write_results(path: str | None, obj: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- models
-def load_model(path: str, *, dtype: str, mesh=None, role: str, base: str | None = None):
-    """(config, model) of a checkpoint, or of a PEFT LoRA adapter directory merged into ``base`` (default: the
-    adapter's local base_model_name_or_path); any failure becomes a ValueError naming the option and path."""
+def load_model(path: str, *, dtype: str, mesh=None, role: str, base: str | None = None, lora_mode: str = "merge",
+               base_model=None):
+    """(config, model) of a checkpoint, or of a PEFT LoRA adapter directory applied to ``base`` (default: the
+    adapter's local base_model_name_or_path; merged, or unmerged with ``lora_mode="delta"``; ``base_model`` that
+    base already loaded, whose arrays the result shares); any failure becomes a ValueError naming the option and
+    path."""
     from pa_jax.models import load as load_checkpoint
 
     p = pathlib.Path(path)
     if not p.exists():
         raise ValueError(f"--{role} {path}: no such file or directory")
     try:
+        if base_model is not None or lora_mode != "merge":
+            return load_checkpoint(p, dtype=dtype, mesh=mesh, base=base, lora_mode=lora_mode, base_model=base_model)
         return load_checkpoint(p, dtype=dtype, mesh=mesh, base=base)
     except ValueError as e:  # the loaders' errors name the file and tensor
         raise ValueError(f"--{role} {path}: {e}") from e
@@ -274,23 +284,30 @@ def model_meta(args: argparse.Namespace, with_reference: bool) -> dict:
     for role, path, base in (("policy", args.policy, policy_base), ("reference", args.reference, None)):
         if path is not None and (role == "policy" or with_reference) and is_adapter_dir(path):
             meta[f"{role}_base"] = model_identity(resolve_base(path, base))  # an adapter's base is part of its identity
+    if getattr(args, "lora_mode", "merge") != "merge" and is_adapter_dir(args.policy):
+        meta["lora_mode"] = args.lora_mode  # rounding differs from the merged weights' (merge: key as before)
     return meta
 
 
+def policy_base_is_reference(args: argparse.Namespace) -> bool:
+    """True when --policy is a LoRA adapter whose base is the --reference checkpoint itself (same resolved path,
+    the reference not an adapter): the pair then shares the base (loaded once) and its trunk."""
+    from pa_jax.models.lora import is_adapter_dir, resolve_base
+
+    if args.reference is None or not is_adapter_dir(args.policy) or is_adapter_dir(args.reference):
+        return False
+    base = resolve_base(args.policy, getattr(args, "policy_base", None))
+    return base.resolve() == pathlib.Path(args.reference).resolve()
+
+
 def policy_adapter_trunk(args: argparse.Namespace, config):
-    """The shared trunk of a --policy LoRA adapter whose base is the --reference checkpoint itself (same resolved
-    path; both loaded with one --dtype): the layers below the first one the adapter changes are the base's
+    """The shared trunk of a --policy LoRA adapter whose base is the --reference checkpoint itself (both loaded
+    with one --dtype): the layers below the first one the adapter changes are the base's
     (pa_jax.models.shared.trunk_from_adapter, nothing hashed). None otherwise (the engine then compares tensor
     digests)."""
-    from pa_jax.models.lora import is_adapter_dir, resolve_base
     from pa_jax.models.shared import trunk_from_adapter
 
-    if args.reference is None or getattr(args, "no_shared_trunk", False) or not is_adapter_dir(args.policy):
-        return None
-    if is_adapter_dir(args.reference):
-        return None
-    base = resolve_base(args.policy, getattr(args, "policy_base", None))
-    if base.resolve() != pathlib.Path(args.reference).resolve():
+    if getattr(args, "no_shared_trunk", False) or not policy_base_is_reference(args):
         return None
     return trunk_from_adapter(args.policy, config)
 
@@ -305,11 +322,20 @@ def prepare(args: argparse.Namespace, *, require: str | None, command: str = "sc
     inputs = load_inputs(args, require=require, command=command)
     same = inputs.same
     t0 = time.perf_counter()
-    policy = load_model(args.policy, dtype=args.dtype, mesh=inputs.mesh, role="policy",
-                        base=getattr(args, "policy_base", None))
+    from pa_jax.models.lora import is_adapter_dir
+
+    lora_mode = getattr(args, "lora_mode", "merge")
     reference = None
-    if args.reference is not None and not same:
+    if args.reference is not None and not same and policy_base_is_reference(args):
+        # the base once: the policy holds the reference's arrays for every tensor its adapter does not merge
         reference = load_model(args.reference, dtype=args.dtype, mesh=inputs.mesh, role="reference")
+        policy = load_model(args.policy, dtype=args.dtype, mesh=inputs.mesh, role="policy",
+                            base=getattr(args, "policy_base", None), lora_mode=lora_mode, base_model=reference)
+    else:
+        policy = load_model(args.policy, dtype=args.dtype, mesh=inputs.mesh, role="policy",
+                            base=getattr(args, "policy_base", None), lora_mode=lora_mode)
+        if args.reference is not None and not same:
+            reference = load_model(args.reference, dtype=args.dtype, mesh=inputs.mesh, role="reference")
     t_load = time.perf_counter() - t0
     meta = model_meta(args, reference is not None)
     rendered = inputs.rendered
@@ -321,7 +347,9 @@ def prepare(args: argparse.Namespace, *, require: str | None, command: str = "sc
               "batches_computed": res.batches_computed, "batches_from_cache": res.batches_from_cache,
               "tokens_per_s": (res.tokens_computed / res.seconds) if res.batches_computed and res.seconds > 0 else None,
               "shared_prefix_tokens": res.plan.prefix_length, "models_run": 1 + (reference is not None),
-              "shared_trunk_layers": res.shared_trunk["layers"], "shared_trunk": res.shared_trunk}
+              "shared_trunk_layers": res.shared_trunk["layers"], "shared_trunk": res.shared_trunk,
+              "lora_mode": lora_mode if is_adapter_dir(args.policy) else None,
+              "policy_shares_reference_base": reference is not None and policy_base_is_reference(args)}
     stats = res.stats
     if same:  # the same checkpoint as reference: its statistics are the policy's (progress advantage == 0)
         import dataclasses

@@ -352,6 +352,9 @@ def check(args: argparse.Namespace, *, command: str, require: str | None) -> Che
     ref, ref_tok = (checkpoint_and_tokenizer(args.reference, None, "reference") if args.reference is not None
                     else (None, None))
     adapters = any(x is not None and is_adapter_dir(pathlib.Path(x)) for x in (args.policy, args.reference))
+    if getattr(args, "lora_mode", "merge") != "merge" and not is_adapter_dir(pathlib.Path(args.policy)):
+        raise ValueError(f"--lora-mode {args.lora_mode}: --policy {args.policy} is not a PEFT LoRA adapter directory "
+                         f"(no adapter_config.json); the option applies only to an adapter policy")
     if not pathlib.Path(args.data).exists():
         raise ValueError(f"--data {args.data}: no such file or directory")
     jsonl = getattr(args, "jsonl", None)

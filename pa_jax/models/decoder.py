@@ -107,14 +107,22 @@ def resolve_attention_impl(impl: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- modules
 class Linear(nnx.Module):
-    """y = x W^T + b, W [out, in] (Hugging Face layout)."""
+    """y = x W^T + b, W [out, in] (Hugging Face layout); with a LoRA adapter attached unmerged
+    (:func:`pa_jax.models.lora.attach_adapter`: ``lora_a`` [r, in], ``lora_b`` [out, r], ``lora_scale`` s),
+    y = x W^T + s (x A^T) B^T + b (:func:`pa_jax.models.layers.linear_lora`)."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs, std: float):
         self.weight = nnx.Param(jax.random.normal(rngs.params(), (out_features, in_features), dtype) * std)
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+        self.lora_a = nnx.data(None)
+        self.lora_b = nnx.data(None)
+        self.lora_scale = None
 
     def __call__(self, x: Array) -> Array:
-        return L.linear(x, self.weight[...], None if self.bias is None else self.bias[...])
+        bias = None if self.bias is None else self.bias[...]
+        if self.lora_a is None:
+            return L.linear(x, self.weight[...], bias)
+        return L.linear_lora(x, self.weight[...], self.lora_a[...], self.lora_b[...], self.lora_scale, bias)
 
 
 class Embedding(nnx.Module):

@@ -534,6 +534,22 @@ def linear(x: Array, weight: Array, bias: Array | None = None) -> Array:
     return y
 
 
+def linear_lora(x: Array, weight: Array, a: Array, b: Array, scaling: float, bias: Array | None = None) -> Array:
+    """y = x W^T + s (x A^T) B^T + b: a LoRA adapter applied without merging it into W.
+
+    W [out, in], A [r, in], B [out, r], s = lora_alpha / r. Equal to :func:`linear` with W' = W + s B A up to
+    rounding; it never forms W' (memory: W is shared with the base model, A and B are small) and costs
+    2 r (in + out) FLOPs per token over the base product's 2 in out. Products accumulate in float32, the
+    result is rounded once to x's dtype."""
+    f32 = jnp.float32
+    y = jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype), preferred_element_type=f32)
+    h = jnp.einsum("...i,ri->...r", x, a.astype(x.dtype), preferred_element_type=f32)
+    y = y + scaling * jnp.einsum("...r,or->...o", h, b.astype(f32), preferred_element_type=f32)
+    if bias is not None:
+        y = y + bias
+    return y.astype(x.dtype)
+
+
 def gated_mlp(x: Array, gate_w: Array, up_w: Array, down_w: Array, kind: str, biases=(None, None, None)) -> Array:
     """down(act(gate(x)) * up(x)): SwiGLU (silu) or GeGLU (tanh GELU)."""
     h = activation(linear(x, gate_w, biases[0]), kind) * linear(x, up_w, biases[1])

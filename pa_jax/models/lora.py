@@ -475,6 +475,67 @@ def merge_adapter(model, adapter: Adapter, *, donate: bool = False):
     return model
 
 
+DELTA_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+"""Modules whose forward is :class:`~pa_jax.models.decoder.Linear`'s own call, so that an adapter can run on them
+unmerged (``lora_mode="delta"``); the others (``lm_head``, Gated DeltaNet and Gemma 4 per-layer projections, whose
+weights the decoder reads directly) are merged even then."""
+
+LORA_MODES = ("merge", "delta")
+
+
+def share_weights(model):
+    """A second Decoder holding the very same parameter arrays as ``model`` (nothing copied: JAX arrays are
+    immutable) in its own Variables, so that setting a weight of one (a merge, an attached adapter) leaves the
+    other as it is. How a policy given as base + adapter shares every tensor the adapter does not change with a
+    reference that is that base."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, state, copy=True)
+
+
+def _module_at(model, path: str):
+    """The module holding parameter ``path`` ("layers.3.self_attn.q_proj.weight" -> model.layers[3].self_attn.q_proj)."""
+    m = model
+    for part in path.split(".")[:-1]:
+        m = m[int(part)] if part.isdigit() else getattr(m, part)
+    return m
+
+
+def attach_adapter(model, adapter: Adapter, *, lora_mode: str = "delta"):
+    """Apply an adapter to ``model`` in place: with ``lora_mode="delta"`` the factors go onto each adapted
+    :class:`~pa_jax.models.decoder.Linear` of :data:`DELTA_MODULES` unmerged (``lora_a`` = A, ``lora_b`` = B,
+    float32, replicated on the weight's mesh; ``lora_scale`` = s), so the forward computes
+    x W^T + s (x A^T) B^T and no W' is formed; the other adapted weights (see :data:`DELTA_MODULES`) are merged
+    (W + s B A, a new array). ``lora_mode="merge"`` merges every one. The weights of ``model`` are never
+    modified in place, so a model made by :func:`share_weights` leaves its source untouched. Returns
+    ``{"delta": [paths], "merged": [paths]}``."""
+    if lora_mode not in LORA_MODES:
+        raise ValueError(f"lora_mode must be one of {LORA_MODES}, got {lora_mode!r}")
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    done: dict[str, list[str]] = {"delta": [], "merged": []}
+    merge_part = {}
+    for path, ab in adapter.params.items():
+        leaf = path.rsplit(".", 2)[-2]
+        if lora_mode == "delta" and leaf in DELTA_MODULES and path not in adapter.base_weights:
+            lin = _module_at(model, path)
+            w = lin.weight[...]
+            a, b = (np.asarray(ab[x], np.float32) for x in "AB")
+            _check_pair_shapes(path, tuple(w.shape), a.shape, b.shape)
+            sh = getattr(w, "sharding", None)
+            put = (lambda v: jax.device_put(v, NamedSharding(sh.mesh, PartitionSpec()))) \
+                if isinstance(sh, NamedSharding) else jnp.asarray
+            lin.lora_a, lin.lora_b = nnx.Param(put(a)), nnx.Param(put(b))
+            lin.lora_scale = float(adapter.scaling[path])
+            done["delta"].append(path)
+        else:
+            merge_part[path] = ab
+            done["merged"].append(path)
+    if merge_part:
+        merge_adapter(model, Adapter(adapter.spec, merge_part, adapter.scaling, adapter.modules, adapter.path,
+                                     adapter.base_weights))
+    return done
+
+
 def is_adapter_dir(path: str | os.PathLike) -> bool:
     """True when ``path`` is a directory holding a PEFT ``adapter_config.json``."""
     p = pathlib.Path(path)
@@ -502,21 +563,34 @@ def resolve_base(adapter_dir: str | os.PathLike, base: str | os.PathLike | None 
 
 
 def load_with_adapter(adapter_dir: str | os.PathLike, base: str | os.PathLike | None = None, *,
-                      dtype="bfloat16", mesh=None, sharding_fn=None):
-    """(config, model) of a base checkpoint (HF directory or .gguf) with a PEFT LoRA adapter merged in.
+                      dtype="bfloat16", mesh=None, sharding_fn=None, lora_mode: str = "merge", base_model=None):
+    """(config, model) of a base checkpoint (HF directory or .gguf) with a PEFT LoRA adapter applied.
 
     The base is loaded as :func:`pa_jax.models.load` does (dtype, mesh / sharding_fn), the adapter is checked
-    against it (:func:`read_peft_adapter`: ValueError naming the key) and merged weight by weight
-    (W + s * B @ A in float32, cast to ``dtype``). ``base`` defaults to the adapter's local
-    ``base_model_name_or_path`` (:func:`resolve_base`).
+    against it (:func:`read_peft_adapter`: ValueError naming the key) and applied by :func:`attach_adapter`:
+    ``lora_mode="merge"`` merges it weight by weight (W + s * B @ A in float32, cast to ``dtype``),
+    ``"delta"`` keeps it unmerged on the attention / MLP projections. ``base`` defaults to the adapter's local
+    ``base_model_name_or_path`` (:func:`resolve_base`). ``base_model``: ``(config, model)`` of that base already
+    loaded (e.g. the reference of a pair): nothing is read again, and the returned model holds the same arrays
+    for every tensor the adapter leaves as it is (:func:`share_weights`): only merged weights are new.
     """
-    base_path = resolve_base(adapter_dir, base)
-    if is_adapter_dir(base_path):
-        raise ValueError(f"base {base_path} is itself an adapter directory (stacked adapters are not supported)")
-    config, model = load_checkpoint(base_path, dtype=dtype, mesh=mesh, sharding_fn=sharding_fn)
+    if lora_mode not in LORA_MODES:
+        raise ValueError(f"lora_mode must be one of {LORA_MODES}, got {lora_mode!r}")
+    if base_model is None:
+        base_path = resolve_base(adapter_dir, base)
+        if is_adapter_dir(base_path):
+            raise ValueError(f"base {base_path} is itself an adapter directory (stacked adapters are not supported)")
+        config, model = load_checkpoint(base_path, dtype=dtype, mesh=mesh, sharding_fn=sharding_fn)
+        fresh = True
+    else:
+        config, model = base_model[0], share_weights(base_model[1])
+        fresh = False
     shapes = {P.path_str(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(model))}
     adapter = read_peft_adapter(adapter_dir, config, shapes=shapes)
-    merge_adapter(model, adapter, donate=True)  # the freshly loaded weights are held by nothing else
+    if lora_mode == "merge":  # freshly loaded weights are held by nothing else: their buffers can be reused
+        merge_adapter(model, adapter, donate=fresh)
+    else:
+        attach_adapter(model, adapter, lora_mode=lora_mode)
     return config, model
 
 
@@ -610,14 +684,18 @@ def write_peft_adapter(adapter_dir: str | os.PathLike, lora_params: Mapping[str,
 
 
 def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, sharding_fn=None,
-         base: str | os.PathLike | None = None):
+         base: str | os.PathLike | None = None, lora_mode: str = "merge", base_model=None):
     """(config, model) of any local checkpoint: a Hugging Face directory or .gguf file
-    (:func:`pa_jax.models.load.load_checkpoint`), or a PEFT LoRA adapter directory merged into ``base``
-    (:func:`load_with_adapter`; ``base`` defaults to the adapter's local base_model_name_or_path). This is
+    (:func:`pa_jax.models.load.load_checkpoint`), or a PEFT LoRA adapter directory applied to ``base``
+    (:func:`load_with_adapter`: merged, or unmerged with ``lora_mode="delta"``; ``base`` defaults to the
+    adapter's local base_model_name_or_path; ``base_model`` an already loaded base to share arrays with). This is
     ``pa_jax.models.load``."""
     p = pathlib.Path(path)
     if is_adapter_dir(p):
-        return load_with_adapter(p, base, dtype=dtype, mesh=mesh, sharding_fn=sharding_fn)
+        return load_with_adapter(p, base, dtype=dtype, mesh=mesh, sharding_fn=sharding_fn, lora_mode=lora_mode,
+                                 base_model=base_model)
+    if base_model is not None:
+        raise ValueError(f"base_model given but {p} is not a PEFT adapter directory (no adapter_config.json)")
     if base is not None:
         raise ValueError(f"base={base} given but {p} is not a PEFT adapter directory (no adapter_config.json)")
     return load_checkpoint(p, dtype=dtype, mesh=mesh, sharding_fn=sharding_fn)
