@@ -448,3 +448,16 @@ def test_cli_adapter_over_the_reference_loads_the_base_once(tmp_path, capsys, mo
     cli_fails(capsys, ["uq", "--policy", str(tmp_path / "policy"), "--reference", str(tmp_path / "reference"),
                        "--data", str(data), "--lora-mode", "delta", "--no-progress"],
               "--lora-mode delta: --policy .* is not a PEFT LoRA adapter directory")
+
+
+def test_unmerged_adapter_refused_where_weights_are_needed(pairs, tmp_path):
+    """Saving or weight-merging a model whose adapter is unmerged names the module instead of writing a
+    checkpoint without the adapter."""
+    from pa_jax import merging
+
+    base, adapter, _ = pairs("qwen2")
+    cfg, model = models.load(adapter, base=base, dtype="float32", lora_mode="delta")
+    with pytest.raises(ValueError, match=r"layers\.1\..*lora_a: the model carries an unmerged LoRA adapter"):
+        models.save_pretrained(cfg, model, tmp_path / "out")
+    with pytest.raises(ValueError, match="unmerged LoRA adapter"):
+        merging.model_tensors(cfg, model)

@@ -358,11 +358,15 @@ def write_safetensors(file: str | os.PathLike, arrays: Mapping[str, Any], metada
 
 
 def model_tensors(config: ModelConfig, model: Decoder) -> dict[str, jax.Array]:
-    """HF key -> parameter array of a model (the inverse of loading)."""
+    """HF key -> parameter array of a model (the inverse of loading). A model carrying an unmerged LoRA adapter
+    (``lora_mode="delta"``) has no such tensors: ValueError naming the module."""
     _, state = nnx.split(model)
     out = {}
     for path, var in nnx.to_flat_state(state):
         name = P.path_str(path)
+        if name.endswith((".lora_a", ".lora_b")):
+            raise ValueError(f"{name}: the model carries an unmerged LoRA adapter (lora_mode='delta'); load it with "
+                             f"lora_mode='merge' to save or merge its weights")
         out[P.path_to_hf_key(config, name)] = var.get_value()
     return out
 
