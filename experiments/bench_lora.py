@@ -134,6 +134,9 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--adapters", nargs="+", default=["all", "top4"], choices=["all", "top4"])
+    ap.add_argument("--modes", nargs="+", default=None, choices=["base", "merged", "delta", *PAIR_MODES],
+                    help="modes to run (default: all of them for 'all', all but base for 'top4')")
     ap.add_argument("--out", default=None)
     ap.add_argument("--_worker", nargs=2, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -142,11 +145,12 @@ def main() -> None:
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("all", "top4"):
+        for kind in a.adapters:
             ad = pathlib.Path(tmp) / kind
             make_adapter(kind, ad)
             size = sum(f.stat().st_size for f in ad.iterdir())
-            for mode in ("base", "merged", "delta", *PAIR_MODES) if kind == "all" else ("merged", "delta", *PAIR_MODES):
+            default = ("base", "merged", "delta", *PAIR_MODES) if kind == "all" else ("merged", "delta", *PAIR_MODES)
+            for mode in a.modes or default:
                 cmd = [sys.executable, __file__, "--_worker", mode, str(ad), "--batch", str(a.batch), "--length",
                        str(a.length), "--dtype", a.dtype, "--reps", str(a.reps)]
                 res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
@@ -158,7 +162,9 @@ def main() -> None:
                 if "delta_over_merged" in res:
                     msg += f"  alternating fwd delta/merged {res['delta_over_merged']:.2f}"
                 print(msg, flush=True)
-    out = {"batch": a.batch, "length": a.length, "dtype": a.dtype, "reps": a.reps, "rows": rows,
+    from pa_jax.models.dtype import cpu_record
+
+    out = {"cpu": cpu_record(), "batch": a.batch, "length": a.length, "dtype": a.dtype, "reps": a.reps, "rows": rows,
            "load_average": os.getloadavg(), "cpus": os.cpu_count()}
     if a.out:
         from pa_jax.io import atomic_write_json

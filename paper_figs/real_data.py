@@ -229,6 +229,18 @@ def draw(result: dict, out: str) -> None:
         plt.close(fig)
 
 
+def _is_results_file(path: str) -> bool:
+    """Whether a JSON file found in a directory is a results file (has ``config.command``); unreadable or
+    malformed files count as results files, so that :func:`load` reports what is wrong with them."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            obj = json.load(fh)
+    except (OSError, ValueError):
+        return True
+    return not (isinstance(obj, dict) and isinstance(obj.get("config", {}), dict)
+                and obj.get("config", {}).get("command") is None)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("inputs", nargs="+", help="results JSON files of `pa-jax uq|bon|fa`, or directories of them")
@@ -237,11 +249,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "each is named real_<JSON stem>.png")
     args = p.parse_args(argv)
     files: list[str] = []
+    listed: set[str] = set()  # found in a directory (other JSON there, e.g. held-out selections, is skipped)
     for x in args.inputs:
-        files += sorted(glob.glob(os.path.join(x, "*.json"))) if os.path.isdir(x) else [x]
+        if os.path.isdir(x):
+            found = sorted(glob.glob(os.path.join(x, "*.json")))
+            files += found
+            listed.update(found)
+        else:
+            files.append(x)
     if not files:
         p.error(f"no JSON files in {args.inputs}")
     for f in files:
+        if f in listed and not _is_results_file(f):
+            print(f"skipped {f}: not a `pa-jax uq|bon|fa` results file (no config.command)")
+            continue
         try:
             result = load(f)
         except ValueError as exc:

@@ -111,6 +111,14 @@ def _check_figure(results_json, tmp_path):
     bad.write_text(json.dumps({"config": {"command": "score"}, "metrics": {}}))
     with pytest.raises(ValueError, match="config.command"):
         fig.load(str(bad))
+    # a directory: the results file is drawn, a held-out selection file beside it is skipped with a line
+    d = tmp_path / "dir"
+    d.mkdir()
+    (d / results_json.name).write_bytes(results_json.read_bytes())
+    (d / "heldout_x.json").write_text(json.dumps({"results": "x.json", "folds": 5, "selection": {}}))
+    assert fig.main([str(d), "--out-dir", str(tmp_path / "figs2")]) == 0
+    assert (tmp_path / "figs2" / f"real_{results_json.stem}.png").is_file()
+    assert not (tmp_path / "figs2" / "real_heldout_x.png").exists()
 
 
 def test_cli_bad_inputs(ckpts, tmp_path, capsys, monkeypatch):
