@@ -146,9 +146,7 @@ def load_model(path: str, *, dtype: str, mesh=None, role: str, base: str | None 
     if not p.exists():
         raise ValueError(f"--{role} {path}: no such file or directory")
     try:
-        if base_model is not None or lora_mode != "merge":
-            return load_checkpoint(p, dtype=dtype, mesh=mesh, base=base, lora_mode=lora_mode, base_model=base_model)
-        return load_checkpoint(p, dtype=dtype, mesh=mesh, base=base)
+        return load_checkpoint(p, dtype=dtype, mesh=mesh, base=base, lora_mode=lora_mode, base_model=base_model)
     except ValueError as e:  # the loaders' errors name the file and tensor
         raise ValueError(f"--{role} {path}: {e}") from e
     except Exception as e:  # noqa: BLE001
@@ -326,7 +324,8 @@ def prepare(args: argparse.Namespace, *, require: str | None, command: str = "sc
 
     lora_mode = getattr(args, "lora_mode", "merge")
     reference = None
-    if args.reference is not None and not same and policy_base_is_reference(args):
+    shares_base = args.reference is not None and not same and policy_base_is_reference(args)
+    if shares_base:
         # the base once: the policy holds the reference's arrays for every tensor its adapter does not merge
         reference = load_model(args.reference, dtype=args.dtype, mesh=inputs.mesh, role="reference")
         policy = load_model(args.policy, dtype=args.dtype, mesh=inputs.mesh, role="policy",
@@ -349,7 +348,7 @@ def prepare(args: argparse.Namespace, *, require: str | None, command: str = "sc
               "shared_prefix_tokens": res.plan.prefix_length, "models_run": 1 + (reference is not None),
               "shared_trunk_layers": res.shared_trunk["layers"], "shared_trunk": res.shared_trunk,
               "lora_mode": lora_mode if is_adapter_dir(args.policy) else None,
-              "policy_shares_reference_base": reference is not None and policy_base_is_reference(args)}
+              "policy_shares_reference_base": shares_base}
     stats = res.stats
     if same:  # the same checkpoint as reference: its statistics are the policy's (progress advantage == 0)
         import dataclasses
