@@ -68,6 +68,31 @@ def test_blocked_attention_matches_numpy(b, prefix, t, kh, groups, window, segme
     np.testing.assert_allclose(np.asarray(dense), want, atol=2e-5)
 
 
+@settings(max_examples=15)
+@given(b=st.integers(1, 2), prefix=st.integers(0, 20), t=st.integers(1, 48), groups=st.sampled_from([1, 3]),
+       block_q=st.sampled_from([4, 8, 16]), block_k=st.sampled_from([4, 8]), pad=st.floats(0.0, 0.6),
+       seed=st.integers(0, 2**16))
+def test_blocked_attention_unmasked_blocks_match_numpy(b, prefix, t, groups, block_q, block_k, pad, seed):
+    """Without segments or a window, the key blocks wholly before a query block are visited with only the padding
+    bias (no causal mask): small blocks, a cached prefix and random padding put many queries on that path."""
+    rng = np.random.default_rng(seed)
+    s, kh, hd = prefix + t, 1, 4
+    n = kh * groups
+    q = rng.standard_normal((b, t, n, hd)).astype(np.float32)
+    k = rng.standard_normal((b, s, kh, hd)).astype(np.float32)
+    v = rng.standard_normal((b, s, kh, hd)).astype(np.float32)
+    valid = rng.random((b, s)) >= pad
+    pos = np.maximum(np.cumsum(valid, 1) - 1, 0)
+    want = numpy_attention(q, k, v, offset=prefix, valid=valid, q_pos=pos[:, prefix:], k_pos=pos, q_seg=None,
+                           k_seg=None, window=None, scale=0.7, softcap=None)
+    spec = L.MaskSpec(prefix, jnp.asarray(valid), jnp.asarray(pos[:, prefix:]), jnp.asarray(pos))
+    got = np.asarray(L.blocked_attention(*map(jnp.asarray, (q, k, v)), spec, scale=0.7, block_q=block_q,
+                                         block_k=block_k))
+    q_valid = valid[:, prefix:]
+    np.testing.assert_allclose(got[q_valid], want[q_valid], atol=2e-5)
+    assert np.isfinite(got).all()
+
+
 def test_blocked_attention_bf16_close_to_f32():
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, 300, 4, 16)).astype(np.float32) for _ in range(3))

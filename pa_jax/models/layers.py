@@ -330,9 +330,10 @@ class _Blocks(NamedTuple):
     bk: int
     nk: int
     qb: Array  # [nq, B, K, G, bq, hd]
-    k: Array  # [B, nk * bk, K, hd] (keys and values stay in the buffer layout; visited blocks are sliced)
+    k: Array  # [B, K, nk * bk, hd] (transposed once, so that a visited block is a contiguous slice)
     v: Array
     kv_valid: Array  # [B, nk * bk]
+    kv_bias: Array  # [B, nk * bk] float32: 0 at valid keys, -inf at padding
     kv_pos: Array
     kv_seg: Array | None
     q_start: Array  # [nq]: index of each block's first query
@@ -369,8 +370,9 @@ def _blocks(q: Array, k: Array, v: Array, spec: MaskSpec, block_q: int, block_k:
     return _Blocks(
         bq, bk, nk,
         qb=_pad_to(q, tp).reshape(b, nq, bq, kh, g, hd).transpose(1, 0, 3, 4, 2, 5),
-        k=_pad_to(k, sp), v=_pad_to(v, sp),
+        k=_pad_to(k, sp).transpose(0, 2, 1, 3), v=_pad_to(v, sp).transpose(0, 2, 1, 3),
         kv_valid=_pad_to(spec.kv_valid.astype(bool), sp, value=False),
+        kv_bias=jnp.where(_pad_to(spec.kv_valid.astype(bool), sp, value=False), 0.0, -jnp.inf).astype(jnp.float32),
         kv_pos=_pad_to(spec.kv_positions.astype(jnp.int32), sp),
         kv_seg=_pad_to(spec.kv_segments, sp, value=-1),
         q_start=q_start,
@@ -390,8 +392,8 @@ def _block_scores(qblk: Array, kk: Array, scale: float, softcap: float | None) -
 def _key_block(blk: _Blocks, j: Array) -> tuple[Array, Array]:
     """Keys and values of key block j as [B, K, bk, hd]."""
     ks = j * blk.bk
-    kk = jax.lax.dynamic_slice_in_dim(blk.k, ks, blk.bk, axis=1).transpose(0, 2, 1, 3)
-    vv = jax.lax.dynamic_slice_in_dim(blk.v, ks, blk.bk, axis=1).transpose(0, 2, 1, 3)
+    kk = jax.lax.dynamic_slice_in_dim(blk.k, ks, blk.bk, axis=2)
+    vv = jax.lax.dynamic_slice_in_dim(blk.v, ks, blk.bk, axis=2)
     return kk, vv
 
 
@@ -437,16 +439,29 @@ def _blocked_self_stabilized(q, k, v, spec: MaskSpec, *, scale, softcap, block_q
         def attempt(state):  # all key blocks with stabilizer mq; raise it where a valid row overflowed
             it, mq, *_ = state
 
-            def update(j, carry):
+            def accumulate(carry, j, x):
                 o, l = carry
-                kk, vv = _key_block(blk, j)
-                x = _block_scores(qblk, kk, scale, softcap)
-                x = jnp.where(_block_visible(blk, j, qi, qp, qsg, spec.window)[:, None, None], x, -jnp.inf)
                 p = jnp.exp(x - mq[..., None])
+                vv = jax.lax.dynamic_slice_in_dim(blk.v, j * blk.bk, blk.bk, axis=2)
                 o = o + jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
                 return o, l + p.sum(-1)
 
-            o, l = jax.lax.fori_loop(0, nkb, update, zeros)
+            def update_full(j, carry):  # a block every query of the block sees causally: only padding to mask
+                kk = jax.lax.dynamic_slice_in_dim(blk.k, j * blk.bk, blk.bk, axis=2)
+                bias = jax.lax.dynamic_slice_in_dim(blk.kv_bias, j * blk.bk, blk.bk, axis=1)
+                return accumulate(carry, j, _block_scores(qblk, kk, scale, softcap) + bias[:, None, None, None, :])
+
+            def update(j, carry):
+                kk, _ = _key_block(blk, j)
+                x = _block_scores(qblk, kk, scale, softcap)
+                x = jnp.where(_block_visible(blk, j, qi, qp, qsg, spec.window)[:, None, None], x, -jnp.inf)
+                return accumulate(carry, j, x)
+
+            # without segments or a window, the key blocks wholly before the block's first query need no
+            # causal mask (most of them): the full mask only on the blocks the diagonal crosses
+            n_full = jnp.minimum((qs + 1) // blk.bk, nkb) if qsg is None and spec.window is None else 0
+            o, l = jax.lax.fori_loop(0, n_full, update_full, zeros)
+            o, l = jax.lax.fori_loop(n_full, nkb, update, (o, l))
             bad = ~(jnp.isfinite(l) & jnp.isfinite(o).all(-1)) & qv[:, None, None, :]
             return it + 1, jnp.where(bad, mq + _RESTABILIZE, mq), o, l, bad.any()
 
