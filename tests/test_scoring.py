@@ -31,11 +31,14 @@ def pair(tmp_path_factory):
 
 
 def _trajs(n, shared_system):
+    """n trajectories; shared_system: True (all share one long system prompt), False (none), "mixed" (all
+    but every third)."""
     rng = np.random.default_rng(0)
     words = CORPUS[0].split()
     out = []
     for i in range(n):
-        sys = " ".join(words * 3) if shared_system else " ".join(rng.choice(words, 5 + 7 * i))
+        shared = shared_system is True or (shared_system == "mixed" and i % 3 != 0)
+        sys = " ".join(words * 3) if shared else " ".join(rng.choice(words, 5 + 7 * i))
         msgs = [Message("system", sys), Message("user", " ".join(rng.choice(words, 3 + i)))]
         for j in range(1 + i % 3):
             msgs.append(Message("assistant", " ".join(rng.choice(words, 2 + 3 * j + i)),
@@ -64,14 +67,30 @@ def _oracle(model, r):
     }
 
 
-@pytest.mark.parametrize("shared_system", [True, False])
+@pytest.mark.parametrize("shared_system", [True, False, "mixed"])
 def test_engine_matches_torch(pair, tok, shared_system):
     rendered = [render(t, tok) for t in _trajs(6, shared_system)]
-    # shared system prompt: prefix KV reuse + rows run in 128-token chunks; otherwise packed rows
+    # shared system prompt: prefix KV reuse + rows run in 128-token chunks; otherwise packed rows; mixed: the
+    # four sharing it in prefixed chunked rows, the two others whole, in batches of their own
+    chunk = {True: 128, False: 512, "mixed": 32}[shared_system]
     opts = ScoringOptions(top_k=5, max_batch_tokens=256, min_prefix=16, bucket_lengths=(256, 512), pack_length=512,
-                          attention_chunk=128 if shared_system else 512)
-    res = score_rendered(rendered, pair["policy"], pair["reference320"], options=opts, pad_id=2)
-    if shared_system:
+                          attention_chunk=chunk)
+    from pa_jax.scoring import Engine
+
+    class Counting(Engine):  # counts the prefix's KV computations (once per model when there is a prefix)
+        prefix_calls = 0
+
+        def prefix_buffer(self, *a, **k):
+            Counting.prefix_calls += 1
+            return super().prefix_buffer(*a, **k)
+
+    res = score_rendered(rendered, pair["policy"], pair["reference320"], options=opts, pad_id=2, engine=Counting())
+    assert Counting.prefix_calls == (2 if shared_system else 0)
+    if shared_system == "mixed":
+        assert res.plan.prefix_length >= 16 and res.plan.prefix_members == (1, 2, 4, 5)
+        assert {b.prefixed for b in res.plan.batches} == {True, False}
+        assert any(b.chunked and not b.prefixed for b in res.plan.batches)  # a whole row in chunks
+    elif shared_system:
         # every row runs in 128-token chunks against a KV buffer holding the prefix; some rows take several
         assert res.plan.prefix_length >= 16 and all(b.chunked and b.length % 128 == 0 for b in res.plan.batches)
         assert any(b.length > 128 for b in res.plan.batches)

@@ -3,8 +3,9 @@
 For random trajectories (optionally sharing a prefix) and random options: every trajectory lands in
 exactly one row of one batch; every scored position (q - 1 for each target q) lands in exactly one
 position slot of that row and, for rows run in chunks, in exactly one chunk; nothing is scored twice;
-the row tokens around each slot are the trajectory's own; the shared prefix is what all trajectories
-share, stops before the first hidden state needed, and is the longest such.
+the row tokens around each slot are the trajectory's own; the shared prefix is that of the group of
+trajectories (equal first ``min_prefix`` tokens) it saves most on, stops before the first hidden state
+needed, and is the longest such; batches never mix rows with and without it.
 """
 import numpy as np
 from hypothesis import given, settings
@@ -14,13 +15,16 @@ from pa_jax.data.render import Rendered, Truncation
 from pa_jax.scoring.plan import ScoringOptions, batch_arrays, make_plan, shared_prefix_length
 
 
-def _rendered(seed: int, n: int, prefix: int, max_len: int, p_target: float) -> list[Rendered]:
+def _rendered(seed: int, n: int, prefix: int, max_len: int, p_target: float, strangers: int = 0) -> list[Rendered]:
+    """n trajectories starting with one common prefix, except ``strangers`` of them (at random places),
+    which start with a prefix of their own (as trajectories truncated to their last tokens do)."""
     rng = np.random.default_rng(seed)
     common = rng.integers(3, 50, prefix)
+    odd = set(rng.choice(n, min(strangers, n), replace=False).tolist())
     out = []
     for i in range(n):
         tail = rng.integers(3, 50, int(rng.integers(1, max_len + 1)))
-        ids = np.concatenate([common, tail]).astype(np.int32)
+        ids = np.concatenate([rng.integers(3, 50, prefix) if i in odd else common, tail]).astype(np.int32)
         steps = np.where(rng.random(len(ids)) < p_target, rng.integers(0, 4, len(ids)), -1).astype(np.int32)
         steps[: prefix // 2] = -1  # a system prompt is never an action
         trunc = Truncation(len(ids), len(ids), 0, 0, 0)
@@ -46,10 +50,29 @@ def _prefix_oracle(rendered: list[Rendered], min_prefix: int) -> int:
     return s if s >= min_prefix else 0
 
 
+def _group_oracle(rendered: list[Rendered], min_prefix: int) -> tuple[int, list[int]]:
+    """The prefix group by brute force: among the sets of (two or more) trajectories longer than
+    ``min_prefix`` with equal first ``min_prefix`` tokens, the one whose prefix saves the most tokens,
+    (members - 1) * S, the first such set (by its lowest index) on ties."""
+    best = (0, 0, [])
+    for i in range(len(rendered)):
+        if len(rendered[i].input_ids) <= min_prefix:
+            continue
+        group = [j for j in range(len(rendered)) if len(rendered[j].input_ids) > min_prefix
+                 and list(rendered[j].input_ids[:min_prefix]) == list(rendered[i].input_ids[:min_prefix])]
+        if group[0] != i or len(group) < 2:
+            continue
+        s = _prefix_oracle([rendered[j] for j in group], min_prefix)
+        if s and (len(group) - 1) * s > best[0]:
+            best = ((len(group) - 1) * s, s, group)
+    return best[1], best[2]
+
+
 plan_cases = st.fixed_dictionaries(dict(
     seed=st.integers(0, 2**31 - 1),
     n=st.integers(1, 14),
     prefix=st.sampled_from([0, 0, 5, 40, 90]),
+    strangers=st.sampled_from([0, 0, 1, 3]),
     max_len=st.integers(1, 300),
     p_target=st.sampled_from([0.0, 0.05, 0.3, 0.9]),
     chunk=st.sampled_from([16, 32, 64, 128]),
@@ -68,24 +91,27 @@ plan_cases = st.fixed_dictionaries(dict(
 @settings(max_examples=150)
 @given(plan_cases)
 def test_plan_places_every_scored_position_exactly_once(case):
-    rendered = _rendered(case["seed"], case["n"], case["prefix"], case["max_len"], case["p_target"])
+    rendered = _rendered(case["seed"], case["n"], case["prefix"], case["max_len"], case["p_target"], case["strangers"])
     opts = ScoringOptions(attention_chunk=case["chunk"], pack=case["pack"], pack_length=case["pack_length"],
                           share_prefix=case["share_prefix"], min_prefix=case["min_prefix"],
                           max_batch_tokens=case["max_batch_tokens"], bucket_lengths=case["buckets"])
     dp, c = case["dp"], case["chunk"]
     plan = make_plan(rendered, opts, can_pack=case["can_pack"], can_share_prefix=case["can_share_prefix"],
                      data_parallel=dp)
-    S = plan.prefix_length
+    S, members = plan.prefix_length, set(plan.prefix_members)
 
-    # the prefix: shared by all, before every needed hidden state, the longest such (or none)
+    # the prefix: that of the group that saves most, before every needed hidden state, the longest such
     if opts.share_prefix and case["can_share_prefix"]:
-        assert S == _prefix_oracle(rendered, opts.min_prefix)
+        assert (S, sorted(members)) == _group_oracle(rendered, opts.min_prefix)
     else:
-        assert S == 0
+        assert S == 0 and not members
     assert shared_prefix_length(rendered, opts.min_prefix) == _prefix_oracle(rendered, opts.min_prefix)
-    for r in rendered:
-        np.testing.assert_array_equal(r.input_ids[:S], rendered[0].input_ids[:S])
-        assert all(q - 1 >= S for q in _targets(r))
+    if case["strangers"] == 0 and opts.share_prefix and case["can_share_prefix"] and S:
+        assert S == _prefix_oracle(rendered, opts.min_prefix)  # all share one prefix: all are in the group
+    assert (S == 0) == (not members)
+    for i in members:
+        np.testing.assert_array_equal(rendered[i].input_ids[:S], rendered[min(members)].input_ids[:S])
+        assert all(q - 1 >= S for q in _targets(rendered[i]))
 
     # batches in order; every trajectory in exactly one row of one batch
     assert [b.index for b in plan.batches] == list(range(len(plan.batches)))
@@ -93,14 +119,19 @@ def test_plan_places_every_scored_position_exactly_once(case):
     assert sorted(placed) == list(range(len(rendered)))
     buffers = {b.buffer for b in plan.batches if b.chunked}
     assert len(buffers) <= 1  # one KV buffer size for the whole plan
+    for b in plan.batches:  # a batch's rows are all of the prefix group (chunked, prefixed) or none
+        assert all((i in members) == b.prefixed for row in b.rows for i in row)
+        assert b.chunked or not b.prefixed
 
     scored = {}  # (trajectory, target q) -> number of slots holding it
     for b in plan.batches:
+        S = plan.batch_prefix(b)
+        assert S == (plan.prefix_length if b.prefixed else 0)
         assert len(b.rows) <= b.num_rows and b.num_rows % dp == 0
         assert b.num_positions >= 16 and b.num_positions & (b.num_positions - 1) == 0
         for row in b.rows:
             if len(row) > 1:  # packed: only when allowed, and at most pack_length tokens
-                assert opts.pack and case["can_pack"] and S == 0 and not b.chunked
+                assert opts.pack and case["can_pack"] and S == 0 and not b.chunked and not b.prefixed
                 assert sum(len(rendered[i].input_ids) for i in row) <= opts.pack_length
         if b.chunked:
             assert case["can_share_prefix"] and b.length % c == 0 and b.num_rows == dp

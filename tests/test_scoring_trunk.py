@@ -56,6 +56,7 @@ MODES = {  # rendered trajectories, options, and what the plan must then look li
     "packed": (False, dict(attention_chunk=512, pack_length=512, share_prefix=False)),
     "chunked": (False, dict(attention_chunk=64, pack=False, share_prefix=False)),
     "prefix": (True, dict(attention_chunk=64, min_prefix=16)),
+    "mixed": ("mixed", dict(attention_chunk=64, min_prefix=16)),  # prefixed chunked rows and whole ones
 }
 
 
@@ -99,6 +100,9 @@ def test_trunk_equals_two_forwards(models, tok, mode):
     elif mode == "chunked":  # long rows in 64-token chunks and short whole rows in one run
         assert plan.prefix_length == 0 and any(b.chunked and b.length > 64 for b in plan.batches)
         assert any(not b.chunked for b in plan.batches)
+    elif mode == "mixed":
+        assert plan.prefix_length >= 16 and plan.prefix_members == (1, 2, 4)
+        assert {b.prefixed for b in plan.batches} == {True, False}
     else:
         assert plan.prefix_length >= 16 and all(b.chunked for b in plan.batches)
     _assert_close(on, off, 1e-6)

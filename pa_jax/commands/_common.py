@@ -345,7 +345,8 @@ def prepare(args: argparse.Namespace, *, require: str | None, command: str = "sc
               "tokens": total, "tokens_computed": res.tokens_computed,
               "batches_computed": res.batches_computed, "batches_from_cache": res.batches_from_cache,
               "tokens_per_s": (res.tokens_computed / res.seconds) if res.batches_computed and res.seconds > 0 else None,
-              "shared_prefix_tokens": res.plan.prefix_length, "models_run": 1 + (reference is not None),
+              "shared_prefix_tokens": res.plan.prefix_length,
+              "shared_prefix_trajectories": len(res.plan.prefix_members), "models_run": 1 + (reference is not None),
               "shared_trunk_layers": res.shared_trunk["layers"], "shared_trunk": res.shared_trunk,
               "lora_mode": lora_mode if is_adapter_dir(args.policy) else None,
               "policy_shares_reference_base": shares_base}

@@ -16,12 +16,12 @@ Tokenizer loading and checking live in ``pa_jax.data.tokenizers``; the atomic wr
 from pa_jax.scoring.cache import BatchCache, cache_key, model_identity
 from pa_jax.scoring.engine import STAT_FIELDS, HeadBlocks, ScoreResult, TrajectoryStats, dense, score_rendered
 from pa_jax.scoring.plan import (DEFAULT_BUCKETS, Batch, Plan, ScoringOptions, batch_arrays, make_plan,
-                                 scored_targets, shared_prefix_length, supports_packing)
+                                 prefix_group, scored_targets, shared_prefix_length, supports_packing)
 from pa_jax.scoring.programs import DEFAULT_ENGINE, Engine, SyncExecutor, ThreadExecutor, set_mmap_threshold
 
 __all__ = [
     "DEFAULT_BUCKETS", "DEFAULT_ENGINE", "STAT_FIELDS", "Batch", "BatchCache", "Engine", "HeadBlocks", "Plan",
     "ScoreResult", "ScoringOptions", "SyncExecutor", "ThreadExecutor", "TrajectoryStats", "batch_arrays",
-    "cache_key", "dense", "make_plan", "model_identity", "score_rendered", "scored_targets", "set_mmap_threshold",
-    "shared_prefix_length", "supports_packing",
+    "cache_key", "dense", "make_plan", "model_identity", "prefix_group", "score_rendered", "scored_targets",
+    "set_mmap_threshold", "shared_prefix_length", "supports_packing",
 ]

@@ -16,11 +16,12 @@ Less work than a plain forward (the plan decides which applies, ``programs.Engin
   padded only to a multiple of the chunk. The attention visits only the filled blocks of the buffer,
   and none for the padding queries of a row's last chunk. The final hidden states at the scored
   positions are collected chunk by chunk (no [R, T, D] array of a whole row).
-* *Shared prefix*: when every trajectory starts with the same tokens (e.g. the ~1.3k-token airline
-  policy), its keys/values are computed once per model and copied into every row's buffer, and every
-  row holds only the suffix. The prefix stops before the first position whose hidden state is needed,
-  so no statistic changes.
-* *Packing*: without a shared prefix, short trajectories are packed into one row (segment ids:
+* *Shared prefix*: when trajectories start with the same tokens (e.g. the ~1.3k-token airline
+  policy), its keys/values are computed once per model and copied into the buffer of every row of
+  those trajectories, and each such row holds only the suffix. The prefix stops before the first
+  position whose hidden state is needed, so no statistic changes. Trajectories that do not start with
+  it (e.g. truncated to their last tokens) run whole, in batches of their own (``plan.prefix_group``).
+* *Packing*: outside the prefix group, short trajectories are packed into one row (segment ids:
   tokens attend only inside their own trajectory, positions restart) by first-fit decreasing.
   Models with Gated DeltaNet layers neither pack nor share prefixes.
 * *Shared trunk*: when the policy and the reference have bit-identical embeddings and first k layers
@@ -236,7 +237,8 @@ def _run_batches(engine: Engine, rendered: Sequence[Rendered], plan: Plan, todo:
     time, and at most ``lookahead + 1`` batches' host arrays and futures exist at once. After an error
     or an interrupt (e.g. ``done`` raising), tasks not yet started are cancelled.
     """
-    use_seg = plan.prefix_length == 0 and options.pack and all(supports_packing(c) for c, _ in models)
+    # packed rows only outside the prefix group (rows of the group are chunked, one trajectory each)
+    use_seg = options.pack and all(supports_packing(c) for c, _ in models)
     head = engine.head_program(models[0][0], models[1][0] if len(models) > 1 else None, top_k=options.top_k,
                                vocab_chunk=options.vocab_chunk, token_block=options.token_block,
                                same_vocab=same_vocab)
@@ -245,6 +247,7 @@ def _run_batches(engine: Engine, rendered: Sequence[Rendered], plan: Plan, todo:
     chunk = options.attention_chunk
     prefixes = [None] * len(models)
     chunked = [b for b in todo if b.chunked]
+    prefixed = [b for b in chunked if b.prefixed]
     gather = engine.gather_program()
     executor = engine.executor(options.concurrent_models and len(models) > 1)
 
@@ -253,14 +256,14 @@ def _run_batches(engine: Engine, rendered: Sequence[Rendered], plan: Plan, todo:
         trunk = (graphdefs[0], states[0], trunk_layers)
         branches = [(g, st, c.num_layers) for g, st, (c, _) in zip(graphdefs, states, models)]
     trunk_prefix = None
-    if plan.prefix_length and chunked:  # computed once per model, in the plan's one buffer shape
-        pre_ids = rendered[0].input_ids[: plan.prefix_length]
+    if plan.prefix_length and prefixed:  # computed once per model, in the plan's one buffer shape
+        pre_ids = rendered[plan.prefix_members[0]].input_ids[: plan.prefix_length]
         if fork:
             trunk_prefix = executor.submit(lambda: engine.trunk_prefix_buffers(
-                trunk, branches, pre_ids, chunk=chunk, rows=chunked[0].num_rows, buffer=chunked[0].buffer)).result()
+                trunk, branches, pre_ids, chunk=chunk, rows=prefixed[0].num_rows, buffer=prefixed[0].buffer)).result()
         else:
             tasks = [executor.submit(lambda k=k: engine.prefix_buffer(
-                graphdefs[k], states[k], pre_ids, chunk=chunk, rows=chunked[0].num_rows, buffer=chunked[0].buffer))
+                graphdefs[k], states[k], pre_ids, chunk=chunk, rows=prefixed[0].num_rows, buffer=prefixed[0].buffer))
                 for k in range(len(models))]
             prefixes = [t.result() for t in tasks]
     sharding = NamedSharding(mesh, PartitionSpec("data", None)) if mesh is not None else None
@@ -270,24 +273,26 @@ def _run_batches(engine: Engine, rendered: Sequence[Rendered], plan: Plan, todo:
 
     def launch(b):
         """Host arrays of batch b, and one task per model for its hidden states at the scored positions."""
-        ids_h, mask_h, seg, pos, tgt, where = batch_arrays(rendered, b, plan.prefix_length, pad_id)
+        pre_len = plan.batch_prefix(b)
+        ids_h, mask_h, seg, pos, tgt, where = batch_arrays(rendered, b, pre_len, pad_id)
         pos = put(pos)  # the targets stay on the host until the head's blocks are formed
-        ntok = int(mask_h.sum()) + plan.prefix_length * sum(len(row) for row in b.rows)
+        ntok = int(mask_h.sum()) + pre_len * sum(len(row) for row in b.rows)
         rows = None if b.chunked else (put(ids_h), put(mask_h), put(seg))  # chunked: moved chunk by chunk
 
         def hidden_of(k):
-            g, st, pre = graphdefs[k], states[k], prefixes[k]
+            g, st, pre = graphdefs[k], states[k], prefixes[k] if b.prefixed else None
             if b.chunked:
                 return engine.chunked_hidden_at(g, st, ids_h, mask_h, pos, chunk=chunk, buffer=b.buffer, put=put,
-                                                prefix=pre, prefix_len=plan.prefix_length if pre is not None else 0)
+                                                prefix=pre, prefix_len=pre_len if pre is not None else 0)
             h = engine.dispatch(engine.full_row_program(g, use_seg), st, *rows)
             return engine.dispatch(gather, h, pos)
 
         def forked():  # [policy, reference] hidden states at the scored positions, the trunk run once
             if b.chunked:
                 return engine.trunk_chunked_hidden_at(
-                    trunk, branches, ids_h, mask_h, pos, chunk=chunk, buffer=b.buffer, put=put, prefixes=trunk_prefix,
-                    prefix_len=plan.prefix_length if trunk_prefix is not None else 0)
+                    trunk, branches, ids_h, mask_h, pos, chunk=chunk, buffer=b.buffer, put=put,
+                    prefixes=trunk_prefix if b.prefixed else None,
+                    prefix_len=pre_len if (trunk_prefix is not None and b.prefixed) else 0)
             return engine.trunk_full_rows_at(trunk, branches, *rows, pos, use_seg=use_seg)
 
         if fork:

@@ -8,12 +8,15 @@ multiple of ``attention_chunk``), every batch has a power-of-two number of rows 
 mesh's ``data`` axis), and the number of scored positions per row is rounded up to a power of two,
 so a dataset compiles a handful of programs.
 
-* *Shared prefix*: when every trajectory starts with the same S tokens, S is computed once per model
-  and rows hold only the suffix; S stops before the first position whose hidden state is needed.
-* *Packing*: without a shared prefix, short trajectories are packed into one row (first-fit
-  decreasing; segment ids keep them apart).
-* *Chunking*: a single-trajectory row longer than ``attention_chunk`` (every row, with a shared
-  prefix) runs chunk by chunk against one KV buffer size shared by the whole plan.
+* *Shared prefix*: when trajectories start with the same S tokens, S is computed once per model and
+  their rows hold only the suffix; S stops before the first position whose hidden state is needed.
+  The prefix is that of the largest group of trajectories sharing their first ``min_prefix`` tokens
+  (all of them, typically; trajectories truncated to their last tokens start elsewhere and are
+  planned as without a prefix, so that they do not cost the others theirs).
+* *Packing*: trajectories outside the prefix group that are short are packed into one row
+  (first-fit decreasing; segment ids keep them apart).
+* *Chunking*: a single-trajectory row longer than ``attention_chunk`` (every row of the prefix
+  group) runs chunk by chunk against one KV buffer size shared by the whole plan.
 
 A scored position is a token index q >= 1 with ``step_ids[q] >= 0``: the hidden state at q - 1
 predicts it. ``batch_arrays`` lays a batch out on the host: ids / mask / segments [R, T], and for
@@ -86,12 +89,18 @@ class Batch:
     num_rows: int  # padded row count (a power of two, multiple of the data axis)
     chunked: bool = False  # single-trajectory rows run in chunks against a KV buffer
     buffer: int = 0  # chunked: KV buffer entries per row (the longest padded prefix + row of the plan, bucketed)
+    prefixed: bool = False  # its rows hold only the suffix after the plan's shared prefix (chunked batches only)
 
 
 @dataclass(frozen=True)
 class Plan:
     prefix_length: int  # shared prefix tokens computed once (0 = none)
     batches: tuple[Batch, ...]
+    prefix_members: tuple[int, ...] = ()  # trajectories whose rows start after the prefix (sorted)
+
+    def batch_prefix(self, batch: Batch) -> int:
+        """Tokens of each trajectory that the batch's rows leave out: the prefix, or 0."""
+        return self.prefix_length if batch.prefixed else 0
 
 
 def supports_packing(config: Any) -> bool:
@@ -103,6 +112,29 @@ def scored_targets(r: Rendered) -> np.ndarray:
     """Token indices q >= 1 whose token is an action target (predicted from position q - 1)."""
     q = np.flatnonzero(r.step_ids >= 0)
     return q[q >= 1]
+
+
+def prefix_group(rendered: Sequence[Rendered], min_prefix: int) -> tuple[int, tuple[int, ...]]:
+    """(S, members): the trajectories that share a prefix, and its length S (``shared_prefix_length`` of
+    the members), or (0, ()).
+
+    Candidates are the groups of trajectories with equal first ``min_prefix`` tokens (at least two, each
+    longer than that); the one whose prefix saves the most tokens, (members - 1) * S, wins (ties: the
+    group of the lowest trajectory index). When every trajectory shares one prefix this is all of them
+    and ``shared_prefix_length`` of all."""
+    groups: dict[bytes, list[int]] = {}
+    for i, r in enumerate(rendered):
+        if len(r.input_ids) > min_prefix:
+            groups.setdefault(np.ascontiguousarray(r.input_ids[:min_prefix], np.int64).tobytes(), []).append(i)
+    best = (0, 0, ())
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        s = shared_prefix_length([rendered[i] for i in members], min_prefix)
+        saved = (len(members) - 1) * s
+        if saved > best[0]:  # groups come in order of their lowest index: the first wins ties
+            best = (saved, s, tuple(members))
+    return (best[1], best[2]) if best[1] else (0, ())
 
 
 def shared_prefix_length(rendered: Sequence[Rendered], min_prefix: int) -> int:
@@ -148,44 +180,49 @@ def make_plan(
 ) -> Plan:
     """Deterministic batches.
 
-    Rows are formed first: with a shared prefix (or without packing) one trajectory per row, else short
-    trajectories packed first-fit decreasing into rows of at most ``pack_length`` tokens. A single-trajectory
-    row of an attention-only model that is longer than ``attention_chunk`` (every row, with a shared prefix)
-    is *chunked*: its length is rounded up to a multiple of the chunk, and batches hold ``data_parallel``
-    such rows of similar length; all chunked batches share one KV buffer size, the longest padded prefix +
-    row rounded up to a bucket. Other rows are rounded up to a
+    Rows are formed first: one trajectory per row for the prefix group (``prefix_group``) or without
+    packing, else short trajectories packed first-fit decreasing into rows of at most ``pack_length``
+    tokens. A single-trajectory row of an attention-only model that is longer than ``attention_chunk``
+    (every row of the prefix group) is *chunked*: its length is rounded up to a multiple of the chunk, and
+    batches hold ``data_parallel`` such rows of similar length, all of the prefix group or none
+    (``Batch.prefixed``); all chunked batches share one KV buffer size, the longest (padded prefix +) row
+    rounded up to a bucket. Other rows are rounded up to a
     bucket and batched up to ``max_batch_tokens`` tokens, a power-of-two number of rows.
     """
-    prefix = shared_prefix_length(rendered, options.min_prefix) if (options.share_prefix and can_share_prefix) else 0
+    share = options.share_prefix and can_share_prefix
+    prefix, members = prefix_group(rendered, options.min_prefix) if share else (0, ())
+    member = set(members)
     c = options.attention_chunk
     pre_pad = round_up(prefix, c)
-    lengths = [len(r) - prefix for r in rendered]
+    lengths = [len(r) - (prefix if i in member else 0) for i, r in enumerate(rendered)]
     npos = [len(scored_targets(r)) for r in rendered]
     order = sorted(range(len(rendered)), key=lambda i: (-lengths[i], i))
-    rows: list[list[int]] = []
-    if options.pack and can_pack and prefix == 0:
+    rows: list[list[int]] = [[i] for i in order if i in member]
+    if options.pack and can_pack:
         cap_len = min(options.pack_length, c) if can_share_prefix else options.pack_length
         fill: list[int] = []
-        for i in order:
+        packed: list[list[int]] = []
+        for i in (i for i in order if i not in member):
             if lengths[i] > cap_len // 2:
-                rows.append([i])
+                packed.append([i])
                 fill.append(cap_len + 1)
                 continue
             for j, f in enumerate(fill):
                 if f + lengths[i] <= cap_len:
-                    rows[j].append(i)
+                    packed[j].append(i)
                     fill[j] += lengths[i]
                     break
             else:
-                rows.append([i])
+                packed.append([i])
                 fill.append(lengths[i])
+        rows += packed
     else:
-        rows = [[i] for i in order]
+        rows += [[i] for i in order if i not in member]
 
     def is_chunked(row):
-        return can_share_prefix and len(row) == 1 and (prefix > 0 or lengths[row[0]] > c)
+        return can_share_prefix and len(row) == 1 and (row[0] in member or lengths[row[0]] > c)
 
-    chunked_rows = sorted((r for r in rows if is_chunked(r)), key=lambda r: (-lengths[r[0]], r[0]))
+    chunked_rows = sorted((r for r in rows if is_chunked(r)), key=lambda r: (r[0] not in member, -lengths[r[0]], r[0]))
     plain = sorted(((bucket(sum(lengths[i] for i in row), options.bucket_lengths), row) for row in rows
                     if not is_chunked(row)), key=lambda x: (-x[0], x[1][0]))
     batches: list[Batch] = []
@@ -193,14 +230,19 @@ def make_plan(
     def npos_of(group):
         return max(16, pow2(max(max(sum(npos[i] for i in row) for row in group), 1)))
 
-    groups = [tuple(tuple(r) for r in chunked_rows[k:k + data_parallel])
-              for k in range(0, len(chunked_rows), data_parallel)]
-    glens = [round_up(max(lengths[r[0]] for r in group), c) for group in groups]
+    # chunked rows of the prefix group first, then the others; a batch never mixes the two
+    groups = []
+    for in_group in (True, False):
+        part = [r for r in chunked_rows if (r[0] in member) == in_group]
+        groups += [(tuple(tuple(r) for r in part[k:k + data_parallel]), in_group)
+                   for k in range(0, len(part), data_parallel)]
+    glens = [round_up(max(lengths[r[0]] for r in group), c) for group, _ in groups]
     # one KV buffer size for every chunked batch (that of the longest): one compiled step program per
     # model architecture; the blocked attention visits only the filled blocks, so shorter rows pay nothing
-    buffer = max((bucket(pre_pad + n, options.bucket_lengths) for n in glens), default=0)
-    for group, length in zip(groups, glens):
-        batches.append(Batch(len(batches), group, length, npos_of(group), data_parallel, True, buffer))
+    buffer = max((bucket((pre_pad if pre else 0) + n, options.bucket_lengths) for (_, pre), n in zip(groups, glens)),
+                 default=0)
+    for (group, pre), length in zip(groups, glens):
+        batches.append(Batch(len(batches), group, length, npos_of(group), data_parallel, True, buffer, pre))
     k = 0
     while k < len(plain):
         length = plain[k][0]
@@ -213,7 +255,7 @@ def make_plan(
         nrows = min(per, max(data_parallel, pow2(len(group))))
         nrows = -(-nrows // data_parallel) * data_parallel
         batches.append(Batch(len(batches), tuple(group), length, npos_of(group), nrows))
-    return Plan(prefix, tuple(batches))
+    return Plan(prefix, tuple(batches), tuple(sorted(members)))
 
 
 def batch_arrays(rendered: Sequence[Rendered], batch: Batch, prefix: int, pad_id: int):
