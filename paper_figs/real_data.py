@@ -36,13 +36,22 @@ from pa_jax.io import atomic_write_bytes  # noqa: E402
 KINDS = ("uq", "bon", "fa")
 
 
+def _read(path: str):
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read the results JSON ({exc})") from exc
+
+
 def load(path: str) -> dict:
     """A results JSON of `pa-jax uq|bon|fa`, checked for the fields the figures read."""
-    try:
-        with open(path) as fh:
-            result = json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read the results JSON ({exc})") from exc
+    return checked(_read(path), path)
+
+
+def checked(result, path: str) -> dict:
+    """``result`` (read from ``path``) if it is a `pa-jax uq|bon|fa` results object with the fields the
+    figures read, else ValueError naming the file and field."""
     kind = result.get("config", {}).get("command") if isinstance(result, dict) else None
     if kind not in KINDS:
         raise ValueError(f"{path}: config.command must be one of {KINDS} (a `pa-jax uq|bon|fa` results file), "
@@ -229,16 +238,11 @@ def draw(result: dict, out: str) -> None:
         plt.close(fig)
 
 
-def _is_results_file(path: str) -> bool:
-    """Whether a JSON file found in a directory is a results file (has ``config.command``); unreadable or
-    malformed files count as results files, so that :func:`load` reports what is wrong with them."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            obj = json.load(fh)
-    except (OSError, ValueError):
-        return True
-    return not (isinstance(obj, dict) and isinstance(obj.get("config", {}), dict)
-                and obj.get("config", {}).get("command") is None)
+def _other_json(obj) -> bool:
+    """Whether a JSON object found in a directory is some other JSON (an object without ``config.command``,
+    e.g. a held-out selection file), to be skipped; anything else goes to :func:`checked`, which reports
+    what is wrong with it."""
+    return isinstance(obj, dict) and isinstance(obj.get("config", {}), dict) and obj.get("config", {}).get("command") is None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -260,11 +264,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not files:
         p.error(f"no JSON files in {args.inputs}")
     for f in files:
-        if f in listed and not _is_results_file(f):
-            print(f"skipped {f}: not a `pa-jax uq|bon|fa` results file (no config.command)")
-            continue
         try:
-            result = load(f)
+            obj = _read(f)
+            if f in listed and _other_json(obj):
+                print(f"skipped {f}: not a `pa-jax uq|bon|fa` results file (no config.command)")
+                continue
+            result = checked(obj, f)
         except ValueError as exc:
             p.error(str(exc))
         out = os.path.join(args.out_dir or os.path.dirname(os.path.abspath(f)),

@@ -64,3 +64,24 @@ def test_careful_equals_authors_float32(attn):
     again = b.careful_torch_scores(model, rows, top_k=5)
     for (a, _), (c, _) in zip(got, again):
         np.testing.assert_array_equal(a, c)
+
+
+def test_flop_accounting_counts_by_brute_force():
+    """experiments/flop_accounting.py against plain loops over tokens and query/key pairs."""
+    spec = importlib.util.spec_from_file_location("flop_accounting", ROOT / "experiments" / "flop_accounting.py")
+    fa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fa)
+    per_pair = fa.LAYERS * 2 * 2 * fa.QDIM  # one query-key pair, QK^T and PV, every layer
+    for q0, q1 in ((0, 1), (0, 17), (5, 23)):
+        assert fa.attention_flops(q0, q1) == per_pair * sum(t + 1 for t in range(q0, q1))
+    lengths, scored, prefix = [40, 31, 55], [3, 0, 9], 12
+    fl = fa.workload_flops(lengths, scored, prefix)
+    head = 2 * fa.V * fa.D
+    authors = sum(fa.linear_flops(1) * t + per_pair * sum(u + 1 for u in range(t)) + head * t for t in lengths)
+    careful = fa.linear_flops(1) * prefix + per_pair * sum(u + 1 for u in range(prefix))
+    careful += sum(fa.linear_flops(1) * (t - prefix) + per_pair * sum(u + 1 for u in range(prefix, t)) + head * s
+                   for t, s in zip(lengths, scored))
+    assert np.isclose(fl["authors"], authors) and np.isclose(fl["careful"], careful)
+    # no prefix and the head everywhere: the two scorers do the same work
+    same = fa.workload_flops(lengths, lengths, 0)
+    assert np.isclose(same["authors"], same["careful"])
