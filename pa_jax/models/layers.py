@@ -367,12 +367,13 @@ def _blocks(q: Array, k: Array, v: Array, spec: MaskSpec, block_q: int, block_k:
     # key blocks a query block needs: up to the one holding its last *valid* query; none for padding only
     q_index = q_start[:, None] + jnp.arange(bq, dtype=jnp.int32)[None]  # [nq, bq]
     last = jnp.max(jnp.where(q_valid, q_index[:, None], -1), axis=(1, 2))
+    kv_valid = _pad_to(spec.kv_valid.astype(bool), sp, value=False)
     return _Blocks(
         bq, bk, nk,
         qb=_pad_to(q, tp).reshape(b, nq, bq, kh, g, hd).transpose(1, 0, 3, 4, 2, 5),
         k=_pad_to(k, sp).transpose(0, 2, 1, 3), v=_pad_to(v, sp).transpose(0, 2, 1, 3),
-        kv_valid=_pad_to(spec.kv_valid.astype(bool), sp, value=False),
-        kv_bias=jnp.where(_pad_to(spec.kv_valid.astype(bool), sp, value=False), 0.0, -jnp.inf).astype(jnp.float32),
+        kv_valid=kv_valid,
+        kv_bias=jnp.where(kv_valid, 0.0, -jnp.inf).astype(jnp.float32),
         kv_pos=_pad_to(spec.kv_positions.astype(jnp.int32), sp),
         kv_seg=_pad_to(spec.kv_segments, sp, value=-1),
         q_start=q_start,
@@ -439,23 +440,22 @@ def _blocked_self_stabilized(q, k, v, spec: MaskSpec, *, scale, softcap, block_q
         def attempt(state):  # all key blocks with stabilizer mq; raise it where a valid row overflowed
             it, mq, *_ = state
 
-            def accumulate(carry, j, x):
+            def accumulate(carry, x, vv):
                 o, l = carry
                 p = jnp.exp(x - mq[..., None])
-                vv = jax.lax.dynamic_slice_in_dim(blk.v, j * blk.bk, blk.bk, axis=2)
                 o = o + jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
                 return o, l + p.sum(-1)
 
             def update_full(j, carry):  # a block every query of the block sees causally: only padding to mask
-                kk = jax.lax.dynamic_slice_in_dim(blk.k, j * blk.bk, blk.bk, axis=2)
+                kk, vv = _key_block(blk, j)
                 bias = jax.lax.dynamic_slice_in_dim(blk.kv_bias, j * blk.bk, blk.bk, axis=1)
-                return accumulate(carry, j, _block_scores(qblk, kk, scale, softcap) + bias[:, None, None, None, :])
+                return accumulate(carry, _block_scores(qblk, kk, scale, softcap) + bias[:, None, None, None, :], vv)
 
             def update(j, carry):
-                kk, _ = _key_block(blk, j)
+                kk, vv = _key_block(blk, j)
                 x = _block_scores(qblk, kk, scale, softcap)
                 x = jnp.where(_block_visible(blk, j, qi, qp, qsg, spec.window)[:, None, None], x, -jnp.inf)
-                return accumulate(carry, j, x)
+                return accumulate(carry, x, vv)
 
             # without segments or a window, the key blocks wholly before the block's first query need no
             # causal mask (most of them): the full mask only on the blocks the diagonal crosses

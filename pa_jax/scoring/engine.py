@@ -291,8 +291,7 @@ def _run_batches(engine: Engine, rendered: Sequence[Rendered], plan: Plan, todo:
             if b.chunked:
                 return engine.trunk_chunked_hidden_at(
                     trunk, branches, ids_h, mask_h, pos, chunk=chunk, buffer=b.buffer, put=put,
-                    prefixes=trunk_prefix if b.prefixed else None,
-                    prefix_len=pre_len if (trunk_prefix is not None and b.prefixed) else 0)
+                    prefixes=trunk_prefix if b.prefixed else None, prefix_len=pre_len if trunk_prefix is not None else 0)
             return engine.trunk_full_rows_at(trunk, branches, *rows, pos, use_seg=use_seg)
 
         if fork:

@@ -197,32 +197,32 @@ def make_plan(
     lengths = [len(r) - (prefix if i in member else 0) for i, r in enumerate(rendered)]
     npos = [len(scored_targets(r)) for r in rendered]
     order = sorted(range(len(rendered)), key=lambda i: (-lengths[i], i))
-    rows: list[list[int]] = [[i] for i in order if i in member]
+    others = [i for i in order if i not in member]  # the prefix group: one trajectory per row
+    rows: list[list[int]] = []
     if options.pack and can_pack:
         cap_len = min(options.pack_length, c) if can_share_prefix else options.pack_length
         fill: list[int] = []
-        packed: list[list[int]] = []
-        for i in (i for i in order if i not in member):
+        for i in others:
             if lengths[i] > cap_len // 2:
-                packed.append([i])
+                rows.append([i])
                 fill.append(cap_len + 1)
                 continue
             for j, f in enumerate(fill):
                 if f + lengths[i] <= cap_len:
-                    packed[j].append(i)
+                    rows[j].append(i)
                     fill[j] += lengths[i]
                     break
             else:
-                packed.append([i])
+                rows.append([i])
                 fill.append(lengths[i])
-        rows += packed
     else:
-        rows += [[i] for i in order if i not in member]
+        rows = [[i] for i in others]
+    rows = [[i] for i in order if i in member] + rows
 
     def is_chunked(row):
         return can_share_prefix and len(row) == 1 and (row[0] in member or lengths[row[0]] > c)
 
-    chunked_rows = sorted((r for r in rows if is_chunked(r)), key=lambda r: (r[0] not in member, -lengths[r[0]], r[0]))
+    chunked_rows = sorted((r for r in rows if is_chunked(r)), key=lambda r: (-lengths[r[0]], r[0]))
     plain = sorted(((bucket(sum(lengths[i] for i in row), options.bucket_lengths), row) for row in rows
                     if not is_chunked(row)), key=lambda x: (-x[0], x[1][0]))
     batches: list[Batch] = []
