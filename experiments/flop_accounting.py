@@ -58,6 +58,10 @@ def main() -> None:
     ap.add_argument("results", help="a bench_scoring.py results JSON (airline workload)")
     args = ap.parse_args()
     res = json.loads(pathlib.Path(args.results).read_text())
+    if not (isinstance(res, dict) and isinstance(res.get("config"), dict) and isinstance(res.get("airline"), dict)
+            and "shared_prefix_tokens" in res["airline"].get("pa_jax", {})):
+        sys.exit(f"{args.results}: not a bench_scoring.py result with an airline workload "
+                 f"(expected config, airline and airline.pa_jax.shared_prefix_tokens)")
     cfg, air = res["config"], res["airline"]
 
     from bench_scoring import airline_rendered, smollm2_gguf
